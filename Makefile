@@ -1,0 +1,36 @@
+# One command to set up and run the demo (`make demo`), one to set up and run the tests (`make test`).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# CPU build of PyTorch; GPU users: install the CUDA build of torch into the venv instead (README).
+TORCH_SPEC ?= torch==2.13.0
+STAMP   = $(VENV)/.installed
+
+.PHONY: setup tiny-models demo test lint mlflow-ui clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+tiny-models: $(STAMP)
+	$(BIN)/python -m orpolab.tiny --out .cache/tiny_models --data data/sample
+
+demo: tiny-models
+	$(BIN)/python train.py -m experiment=demo model=tiny_llama,tiny_phi orpo.beta=0.05,0.1
+
+test: tiny-models
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests train.py
+
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+
+clean:
+	rm -rf .cache outputs mlartifacts mlflow.db multirun/*/

@@ -1,0 +1,99 @@
+"""Hydra callback that gives each multirun one MLflow parent run and a closing summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from orpolab import tracking
+
+log = logging.getLogger(__name__)
+
+
+def sweep_dir_of(config: DictConfig) -> str:
+    return str(Path(config.hydra.sweep.dir).resolve())
+
+
+class SweepCallback(Callback):
+    """Creates the experiment and parent run once, before any job starts, then closes it.
+
+    Creating them up front matters for parallel launchers: jobs then only look the parent up,
+    instead of racing each other to create it in SQLite.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        uri, name = config.logger.mlflow.tracking_uri, config.logger.mlflow.experiment_name
+        run_id = tracking.ensure_sweep_run(uri, name, sweep_dir_of(config),
+                                           list(config.hydra.overrides.task))
+        log.info("MLflow parent run %s for sweep %s", run_id, sweep_dir_of(config))
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        """Append the job's Hydra return value (its best selection value) to ``returns.jsonl``."""
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        status = getattr(job_return, "status", None)
+        value = job_return._return_value if status == JobStatus.COMPLETED else None
+        record = {"job": config.hydra.job.num, "overrides": list(config.hydra.overrides.task),
+                  "status": getattr(status, "name", str(status)), "return_value": value}
+        with open(Path(sweep_dir_of(config)) / "returns.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        uri, name = config.logger.mlflow.tracking_uri, config.logger.mlflow.experiment_name
+        sweep_dir = sweep_dir_of(config)
+        summary = summarize_sweep(uri, name, sweep_dir)
+        if summary is None:
+            return
+        parent = tracking.JobRun(uri, summary["parent_run_id"])
+        parent.log_metrics({"sweep/jobs_finished": summary["finished"], "sweep/jobs_failed": summary["failed"]})
+        parent.finish()
+        print(format_summary(summary, uri, sweep_dir))
+
+
+def summarize_sweep(tracking_uri: str, experiment: str, sweep_dir: str) -> dict | None:
+    """Status and selection value of every job of the sweep, from MLflow."""
+    c = tracking.client(tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    parent = tracking.find_sweep_run(tracking_uri, exp.experiment_id, sweep_dir)
+    if parent is None:
+        return None
+    children = c.search_runs([exp.experiment_id],
+                             filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}'")
+    jobs = []
+    for run in sorted(children, key=lambda r: int(r.data.tags.get("orpolab.job_num", "0"))):
+        metric = run.data.tags.get("orpolab.selection_metric", "")
+        jobs.append({
+            "job": run.data.tags.get("orpolab.job_num", "?"),
+            "overrides": run.data.tags.get("orpolab.overrides", ""),
+            "status": run.info.status,
+            "best": run.data.metrics.get(f"best/{metric}"),
+            "error": run.data.tags.get("orpolab.error", ""),
+            "run_id": run.info.run_id,
+        })
+    return {
+        "parent_run_id": parent.info.run_id, "jobs": jobs,
+        "finished": sum(j["status"] == "FINISHED" for j in jobs),
+        "failed": sum(j["status"] == "FAILED" for j in jobs),
+    }
+
+
+def format_summary(summary: dict, tracking_uri: str, sweep_dir: str) -> str:
+    lines = [f"\nSweep finished: {summary['finished']} job(s) finished, {summary['failed']} failed."]
+    for job in summary["jobs"]:
+        value = f"{job['best']:.4f}" if job["best"] is not None else "-"
+        line = f"  job {job['job']:>3}  {job['status']:<9} best={value:<8} {job['overrides']}"
+        if job["error"]:
+            line += f"\n             error: {job['error'][:300]}"
+        lines.append(line)
+    lines.append(f"Sweep folder: {sweep_dir}")
+    lines.append(f"MLflow UI:    mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""Preference-optimisation losses as pure functions of per-sequence log-probabilities.
+
+Everything here is plain tensor math with no model, batch layout or logging in it, so each
+function can be checked against an independent float64 reference (see ``tests/test_losses.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_LN2 = math.log(2.0)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, finite in value and gradient for every such ``x``.
+
+    TRL evaluates ``torch.where(x < -ln2, log1p(-exp(x)), log(-expm1(x)))``. Both branches are
+    computed for every element, and the unused one poisons the gradient: for ``-6e-8 < x < 0``
+    float32 ``exp(x)`` rounds to 1, ``log1p(-1)`` is ``-inf`` and its zero-weighted gradient
+    becomes ``0 * inf = NaN``; at ``x == 0`` even the chosen branch is ``log(0)``. Here each branch
+    only ever sees inputs on which it is finite, and ``x`` is capped just below zero at the
+    smallest normal float, so values and gradients equal TRL's wherever TRL's are finite.
+    """
+    tiny = torch.finfo(x.dtype).tiny
+    x = x.clamp(max=-tiny)
+    far = x < -_LN2
+    # Each branch gets a harmless stand-in (-1.0) where the other branch is used.
+    far_x = torch.where(far, x, torch.full_like(x, -1.0))
+    near_x = torch.where(far, torch.full_like(x, -1.0), x)
+    return torch.where(far, torch.log1p(-torch.exp(far_x)), torch.log(-torch.expm1(near_x)))
+
+
+def orpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_nll: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ORPO's loss: ``nll - beta * mean(logsigmoid(log odds(chosen) - log odds(rejected)))``.
+
+    Args:
+        chosen_logps: per-example **mean** log-probability of the chosen completion tokens, shape (B,).
+        rejected_logps: the same for the rejected completions, shape (B,).
+        chosen_nll: the supervised term (a scalar), e.g. the token-mean NLL of the chosen sequences.
+        beta: weight of the odds-ratio term (the paper's lambda); must be positive.
+
+    Returns:
+        The scalar loss and detached metrics named as TRL's ``ORPOTrainer`` names them, so runs are
+        comparable with TRL's in an MLflow or W&B dashboard.
+
+    The log-probabilities are promoted to float32 (as TRL does) so bf16 training keeps the
+    odds-ratio precision; ``log1mexp`` keeps loss and gradients finite when a mean
+    log-probability is (numerically) zero.
+    """
+    if beta <= 0:
+        raise ValueError(f"orpo beta must be positive, got {beta}")
+    c = chosen_logps.float()
+    r = rejected_logps.float()
+    log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
+    ratio = F.logsigmoid(log_odds)
+    loss = chosen_nll.float() - beta * ratio.mean()
+
+    chosen_rewards = beta * c.detach()
+    rejected_rewards = beta * r.detach()
+    metrics = {
+        "nll_loss": chosen_nll.detach().float(),
+        "log_odds_ratio": ratio.detach().mean(),
+        "log_odds_chosen": log_odds.detach().mean(),
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": c.detach().mean(),
+        "logps/rejected": r.detach().mean(),
+    }
+    return loss, metrics
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Log-probability of each next token, shape (N, T-1); zero where the label is ignored.
+
+    ``logits[:, t]`` predicts ``labels[:, t + 1]``. The log-softmax is taken in float32 even for
+    bf16 logits, as TRL does, because the odds ratio is sensitive to small probability changes.
+    """
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != ignore_index
+    safe = torch.where(mask, targets, torch.zeros_like(targets))
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return logps * mask
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row mean of ``values`` over ``mask`` (rows with an empty mask give 0, not NaN)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)

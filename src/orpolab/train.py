@@ -1,0 +1,191 @@
+"""One training job, top to bottom: config -> MLflow run -> data -> model -> fit -> best value.
+
+``train.py`` at the project root is the Hydra entry point and calls :func:`run`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from orpolab import tracking
+from orpolab.data import DataConfig, PreferenceDataModule, prepare
+from orpolab.errors import OrpolabError
+from orpolab.model import LoraSettings, ModelConfig, apply_lora, load_model, load_tokenizer
+from orpolab.module import OptimConfig, ORPOModule
+
+log = logging.getLogger(__name__)
+
+
+def _struct(cls, node: DictConfig):
+    """Build one of our dataclasses from a config node, naming unknown keys clearly."""
+    values = OmegaConf.to_container(node, resolve=True)
+    fields = set(cls.__dataclass_fields__)
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise OrpolabError(f"unknown key(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
+    return cls(**values)
+
+
+def job_context(cfg: DictConfig) -> dict:
+    """Where this job writes and how it sits in a sweep (works with and without Hydra's runtime)."""
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        return {
+            "output_dir": hc.runtime.output_dir,
+            "multirun": multirun,
+            "sweep_dir": str(Path(hc.sweep.dir).resolve()) if multirun else None,
+            "job_num": str(hc.job.num) if multirun else "0",
+            "overrides": " ".join(hc.overrides.task),
+            "parent_run_id": tracking.ensure_sweep_run(
+                cfg.logger.mlflow.tracking_uri, cfg.logger.mlflow.experiment_name,
+                str(Path(hc.sweep.dir).resolve()), list(hc.overrides.task)) if multirun else None,
+        }
+    return {"output_dir": cfg.paths.output_dir, "multirun": False, "sweep_dir": None, "job_num": "0",
+            "overrides": "", "parent_run_id": None}
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train one job; returns its best selection value (None for a failed job inside a sweep)."""
+    ctx = job_context(cfg)
+    mlcfg = cfg.logger.mlflow
+    job: tracking.JobRun | None = None
+    try:
+        job = start_job_run(cfg, ctx)
+        best = fit(cfg, job, Path(ctx["output_dir"]))
+    except Exception as err:
+        if job is None:  # the config itself failed to resolve: still leave a FAILED run behind
+            job = tracking.JobRun.start(mlcfg.tracking_uri, mlcfg.experiment_name, f"job {ctx['job_num']}",
+                                        base_tags(ctx), {})
+        job.fail(err)
+        if not ctx["multirun"]:
+            raise
+        # A sweep goes on: the failure is on the job's MLflow run and in the closing summary.
+        log.error("job %s failed: %s: %s", ctx["job_num"], type(err).__name__, err)
+        return None
+    job.finish()
+    return best
+
+
+def base_tags(ctx: dict) -> dict[str, str]:
+    tags = {tracking.ROLE_TAG: "job", "orpolab.job_num": ctx["job_num"], "orpolab.overrides": ctx["overrides"],
+            "orpolab.output_dir": str(Path(ctx["output_dir"]).resolve())}
+    if ctx["sweep_dir"]:
+        tags[tracking.SWEEP_TAG] = ctx["sweep_dir"]
+        tags[tracking.PARENT_TAG] = ctx["parent_run_id"]
+    return tags
+
+
+def start_job_run(cfg: DictConfig, ctx: dict) -> tracking.JobRun:
+    """The job's MLflow run (a child of the sweep's parent run), with params and tags."""
+    mlcfg = cfg.logger.mlflow
+    tags = {
+        **base_tags(ctx), "orpolab.model": str(cfg.model.name_or_path),
+        "orpolab.selection_metric": cfg.selection.metric, "orpolab.selection_mode": cfg.selection.mode,
+        **tracking.reproducibility_tags(cfg.paths.root_dir),
+    }
+    name = f"job {ctx['job_num']}: {ctx['overrides']}" if ctx["multirun"] else cfg.task_name
+    return tracking.JobRun.start(mlcfg.tracking_uri, mlcfg.experiment_name, name, tags, tracking.flatten(cfg))
+
+
+def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path) -> float:
+    """The training proper; raises on any problem (``run`` records it)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model_cfg = _struct(ModelConfig, cfg.model)
+    lora_cfg = _struct(LoraSettings, cfg.lora)
+    optim_cfg = _struct(OptimConfig, cfg.optim)
+    data_cfg = _struct(DataConfig, cfg.data)
+    if cfg.orpo.beta <= 0:
+        raise OrpolabError(f"orpo.beta must be positive, got {cfg.orpo.beta}")
+    if optim_cfg.lr <= 0:
+        raise OrpolabError(f"optim.lr must be positive, got {optim_cfg.lr}")
+
+    tokenizer = load_tokenizer(model_cfg)
+    data = prepare(data_cfg, tokenizer)
+    job.set_tags({"orpolab.data_hash": data.data_hash})
+    job.log_metrics({"data/train_pairs": data.stats["train_pairs"], "data/eval_pairs": data.stats["eval_pairs"],
+                     "data/train_skipped": sum(data.stats["train_skipped"].values()),
+                     "data/eval_skipped": sum(data.stats["eval_skipped"].values()),
+                     "data/train_truncated": data.stats["train_truncated"]})
+    job.log_dict(data.stats, "data_stats.json")
+
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    gradient_checkpointing = bool(trainer_cfg.pop("gradient_checkpointing", False))
+    base = load_model(model_cfg, lora_cfg, gradient_checkpointing)
+    model = apply_lora(base, model_cfg, lora_cfg)
+    module = ORPOModule(model, beta=float(cfg.orpo.beta), optim=optim_cfg, nll_on=cfg.orpo.nll_on)
+    datamodule = PreferenceDataModule(data, data_cfg, tokenizer.pad_token_id, cfg.seed)
+
+    from hydra.utils import instantiate
+
+    checkpoint_dir = output_dir / "checkpoints"
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
+    for cb in callbacks:
+        if isinstance(cb, L.pytorch.callbacks.ModelCheckpoint):
+            cb.dirpath = str(checkpoint_dir)
+    checkpoint = next((c for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint)), None)
+    if checkpoint is None:
+        raise OrpolabError("callbacks must include a ModelCheckpoint (conf/callbacks/default.yaml has one)")
+    logger = MLFlowLogger(experiment_name=cfg.logger.mlflow.experiment_name,
+                          tracking_uri=cfg.logger.mlflow.tracking_uri, run_id=job.run_id, log_model=False)
+    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir))
+
+    ckpt_path = resolve_resume(cfg.get("resume_from"), checkpoint_dir)
+    if cfg.eval_before_training and ckpt_path is None:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    if checkpoint.best_model_score is None:
+        raise OrpolabError(
+            f"no value of the selection metric {cfg.selection.metric} was logged; make sure "
+            "trainer.val_check_interval is at most trainer.max_steps"
+        )
+    best = float(checkpoint.best_model_score)
+    job.log_metrics({f"best/{cfg.selection.metric}": best}, step=trainer.global_step)
+    result = {
+        "run_id": job.run_id, "selection_metric": cfg.selection.metric, "selection_mode": cfg.selection.mode,
+        "best_value": best, "best_checkpoint": checkpoint.best_model_path,
+        "last_checkpoint": checkpoint.last_model_path,
+        "global_step": trainer.global_step, "model": model_cfg.name_or_path, "data_hash": data.data_hash,
+    }
+    job.set_tags({"orpolab.best_checkpoint": checkpoint.best_model_path})
+    write_json_atomic(output_dir / "result.json", result)
+    return best
+
+
+def resolve_resume(resume_from: str | None, checkpoint_dir: Path) -> str | None:
+    """``resume_from=last`` continues this job's own last checkpoint; a path resumes that file."""
+    if not resume_from:
+        return None
+    path = checkpoint_dir / "last.ckpt" if resume_from == "last" else Path(resume_from)
+    if not path.is_file():
+        raise OrpolabError(f"cannot resume: checkpoint {path} does not exist")
+    return str(path)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Hydra task function: user errors become one line (single run) instead of a traceback."""
+    try:
+        return run(cfg)
+    except OrpolabError as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,26 @@
+"""Train with ORPO: ``python train.py`` (one job) or ``python train.py -m key=a,b ...`` (a sweep).
+
+Configuration lives in ``conf/``; see README.md for the config groups and examples.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parent
+os.environ.setdefault("ORPOLAB_ROOT", str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing, too
+
+from orpolab.train import main as run_job  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return run_job(cfg)
+
+
+if __name__ == "__main__":
+    main()
