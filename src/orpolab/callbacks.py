@@ -22,17 +22,15 @@ def sweep_dir_of(config: DictConfig) -> str:
 
 
 class SweepCallback(Callback):
-    """Creates the experiment and parent run once, before any job starts, then closes it.
+    """Creates the MLflow experiment before any job starts, and closes the sweep's parent run.
 
-    Creating them up front matters for parallel launchers: jobs then only look the parent up,
-    instead of racing each other to create it in SQLite.
+    Creating the experiment up front matters for parallel launchers: jobs then only look it up
+    instead of racing each other to create it in SQLite. The parent run itself is created by the
+    first job (``tracking.ensure_sweep_run``), so a sweep rejected by Hydra leaves nothing behind.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        uri, name = config.logger.mlflow.tracking_uri, config.logger.mlflow.experiment_name
-        run_id = tracking.ensure_sweep_run(uri, name, sweep_dir_of(config),
-                                           list(config.hydra.overrides.task))
-        log.info("MLflow parent run %s for sweep %s", run_id, sweep_dir_of(config))
+        tracking.experiment_id(config.logger.mlflow.tracking_uri, config.logger.mlflow.experiment_name)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         """Append the job's Hydra return value (its best selection value) to ``returns.jsonl``."""

@@ -22,7 +22,9 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     float32 ``exp(x)`` rounds to 1, ``log1p(-1)`` is ``-inf`` and its zero-weighted gradient
     becomes ``0 * inf = NaN``; at ``x == 0`` even the chosen branch is ``log(0)``. Here each branch
     only ever sees inputs on which it is finite, and ``x`` is capped just below zero at the
-    smallest normal float, so values and gradients equal TRL's wherever TRL's are finite.
+    smallest normal float (1.2e-38 in float32), so values and gradients equal TRL's wherever
+    TRL's are finite for normal floats; subnormal magnitudes, where TRL's gradients overflow,
+    are read as that smallest normal.
     """
     tiny = torch.finfo(x.dtype).tiny
     x = x.clamp(max=-tiny)

@@ -34,7 +34,8 @@ class OptimConfig:
 class ORPOModule(L.LightningModule):
     """Trains only the adapter; checkpoints hold adapter and optimizer state, not the base weights."""
 
-    def __init__(self, model: torch.nn.Module, beta: float, optim: OptimConfig, nll_on: str = "full"):
+    def __init__(self, model: torch.nn.Module, beta: float, optim: OptimConfig, nll_on: str = "full",
+                 disable_dropout: bool = True):
         super().__init__()
         if beta <= 0:
             raise OrpolabError(f"orpo.beta must be positive, got {beta}")
@@ -43,6 +44,13 @@ class ORPOModule(L.LightningModule):
         if nll_on not in ("full", "completion"):
             raise OrpolabError(f"orpo.nll_on must be 'full' or 'completion', got {nll_on!r}")
         self.model, self.beta, self.optim, self.nll_on = model, beta, optim, nll_on
+        # from_pretrained returns a model in eval mode; train it explicitly. TRL's ORPO turns every
+        # dropout off by default (disable_dropout=True), which keeps chosen/rejected log-probs comparable.
+        self.model.train()
+        if disable_dropout:
+            for sub in self.model.modules():
+                if isinstance(sub, torch.nn.Dropout):
+                    sub.p = 0.0
         # Frozen base weights are left out of checkpoints, so loading must not demand them.
         self.strict_loading = False
         self.val_nats = SumMetric()

@@ -72,16 +72,25 @@ def find_sweep_run(tracking_uri: str, exp_id: str, sweep_dir: str):
 
 
 def ensure_sweep_run(tracking_uri: str, experiment: str, sweep_dir: str, overrides: list[str] | None = None) -> str:
-    """The sweep's parent run id: found by its folder, or created (by the callback, before jobs)."""
+    """The sweep's parent run id: found by its folder, or created by the first job that asks.
+
+    Created lazily by a job, not when the sweep starts, so a sweep that Hydra rejects before any
+    job runs (an unknown config name) leaves no empty run behind. A file lock in the sweep folder
+    keeps parallel jobs from creating two parents.
+    """
+    from filelock import FileLock
+
     exp_id = experiment_id(tracking_uri, experiment)
-    found = find_sweep_run(tracking_uri, exp_id, sweep_dir)
-    if found is not None:
-        return found.info.run_id
-    tags = {ROLE_TAG: "sweep", SWEEP_TAG: sweep_dir, "mlflow.runName": f"sweep {Path(sweep_dir).name}"}
-    if overrides:
-        tags["orpolab.sweep_overrides"] = " ".join(overrides)[:5000]
-    run = with_retry(lambda: client(tracking_uri).create_run(exp_id, tags=tags))
-    return run.info.run_id
+    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    with FileLock(str(Path(sweep_dir) / ".mlflow-parent.lock")):
+        found = find_sweep_run(tracking_uri, exp_id, sweep_dir)
+        if found is not None:
+            return found.info.run_id
+        tags = {ROLE_TAG: "sweep", SWEEP_TAG: sweep_dir, "mlflow.runName": f"sweep {Path(sweep_dir).name}"}
+        if overrides:
+            tags["orpolab.sweep_overrides"] = " ".join(overrides)[:5000]
+        run = with_retry(lambda: client(tracking_uri).create_run(exp_id, tags=tags))
+        return run.info.run_id
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:

@@ -124,7 +124,8 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path) -> float:
     gradient_checkpointing = bool(trainer_cfg.pop("gradient_checkpointing", False))
     base = load_model(model_cfg, lora_cfg, gradient_checkpointing)
     model = apply_lora(base, model_cfg, lora_cfg)
-    module = ORPOModule(model, beta=float(cfg.orpo.beta), optim=optim_cfg, nll_on=cfg.orpo.nll_on)
+    module = ORPOModule(model, beta=float(cfg.orpo.beta), optim=optim_cfg, nll_on=cfg.orpo.nll_on,
+                          disable_dropout=cfg.orpo.disable_dropout)
     datamodule = PreferenceDataModule(data, data_cfg, tokenizer.pad_token_id, cfg.seed)
 
     from hydra.utils import instantiate

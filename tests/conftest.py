@@ -1,0 +1,58 @@
+"""Shared fixtures: the project root, tiny models, a private MLflow store, composed configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("ORPOLAB_ROOT", str(ROOT))
+TINY_DIR = ROOT / ".cache" / "tiny_models"
+FAMILIES = ("llama", "phi", "mistral")
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> Path:
+    """The tiny model folders (built once; ``make tiny-models`` builds the same ones)."""
+    from orpolab import tiny
+
+    for family in FAMILIES:
+        if not (TINY_DIR / f"tiny_{family}" / "config.json").exists():
+            tiny.build(family, TINY_DIR / f"tiny_{family}", ROOT / "data" / "sample")
+    return TINY_DIR
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path: Path, monkeypatch) -> str:
+    """A fresh SQLite MLflow store per test, also for subprocesses (via the environment)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def compose(overrides: list[str], output_dir: Path):
+    """The training config as Hydra composes it for ``train.py``, with Hydra's runtime set."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+        cfg.paths.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def run_train(args: list[str], env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``train.py`` as a user would, in a subprocess."""
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,76 @@
+"""Hydra multiruns as a user starts them: parent/child MLflow runs, failures that do not stop a sweep."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from .conftest import run_train
+
+QUICK = ["experiment=demo", "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false"]
+
+
+def sweep_dir_from(stdout: str) -> Path:
+    line = next(line for line in stdout.splitlines() if line.startswith("Sweep folder:"))
+    return Path(line.split(":", 1)[1].strip())
+
+
+def test_two_by_two_sweep_gives_four_runs_under_one_parent(tiny_models, tracking_uri, tmp_path):
+    proc = run_train(["-m", *QUICK, "model=tiny_llama,tiny_phi", "orpo.beta=0.05,0.1",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 job(s) finished, 0 failed" in proc.stdout
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs(["1"])
+    parents = [r for r in runs if r.data.tags.get("orpolab.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("orpolab.role") == "job"]
+    assert len(parents) == 1 and len(children) == 4
+    parent_id = parents[0].info.run_id
+    assert parents[0].info.status == "FINISHED"
+    assert all(c.data.tags["mlflow.parentRunId"] == parent_id and c.info.status == "FINISHED" for c in children)
+    combos = {(c.data.params["model.name_or_path"].rsplit("/", 1)[-1], c.data.params["orpo.beta"]) for c in children}
+    assert combos == {("tiny_llama", "0.05"), ("tiny_llama", "0.1"), ("tiny_phi", "0.05"), ("tiny_phi", "0.1")}
+    # Hydra's return value of each job is its best selection value, the same number MLflow holds.
+    returns = [json.loads(line) for line in (tmp_path / "sweep" / "returns.jsonl").read_text().splitlines()]
+    assert len(returns) == 4
+    by_job = {c.data.tags["orpolab.job_num"]: c.data.metrics["best/val/chosen_bpb"] for c in children}
+    for record in returns:
+        assert record["status"] == "COMPLETED"
+        assert abs(record["return_value"] - by_job[str(record["job"])]) < 1e-6
+    # One folder per job with its checkpoints.
+    assert all((tmp_path / "sweep" / str(i) / "checkpoints" / "last.ckpt").is_file() for i in range(4))
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tiny_models, tracking_uri, tmp_path):
+    good = tiny_models / "tiny_llama"
+    proc = run_train(["-m", *QUICK, f"model.name_or_path={good},/nonexistent/model,{good}",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 job(s) finished, 1 failed" in proc.stdout
+    assert "model path /nonexistent/model does not exist" in proc.stdout
+    children = [r for r in MlflowClient(tracking_uri).search_runs(["1"]) if r.data.tags.get("orpolab.role") == "job"]
+    status = {r.data.tags["orpolab.job_num"]: r.info.status for r in children}
+    assert status == {"0": "FINISHED", "1": "FAILED", "2": "FINISHED"}
+    failed = next(r for r in children if r.info.status == "FAILED")
+    assert "does not exist" in failed.data.tags["orpolab.error"]
+    artifacts = [a.path for a in MlflowClient(tracking_uri).list_artifacts(failed.info.run_id)]
+    assert "error.txt" in artifacts
+    assert sweep_dir_from(proc.stdout) == (tmp_path / "sweep").resolve()
+
+
+def test_unknown_config_name_stops_before_any_job(tiny_models, tracking_uri, tmp_path):
+    proc = run_train(["-m", *QUICK, "model=tiny_llama,no_such_model", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert proc.returncode != 0
+    assert "Could not find 'model/no_such_model'" in proc.stderr
+    assert "tiny_llama" in proc.stderr  # Hydra lists the available options
+    assert not (tmp_path / "sweep" / "0").exists()
+    assert MlflowClient(tracking_uri).search_runs(["1"]) == []  # no empty parent run left behind
+
+
+def test_wrong_override_key_stops_before_any_job(tiny_models, tracking_uri, tmp_path):
+    proc = run_train(["-m", *QUICK, "orpo.betta=0.1,0.2", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert proc.returncode != 0
+    assert "Could not override 'orpo.betta'" in proc.stderr
+    assert not (tmp_path / "sweep" / "0").exists()

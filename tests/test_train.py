@@ -1,0 +1,116 @@
+"""Training jobs in-process: learning on the sample task, resuming, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from orpolab.errors import OrpolabError
+from orpolab.train import run
+
+from .conftest import compose, run_train
+
+FAST = ["experiment=demo", "trainer.enable_progress_bar=false"]
+
+
+def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+def only_run(uri: str):
+    runs = MlflowClient(uri).search_runs(["1"])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_fit_improves_held_out_preference_and_bits_per_byte(tiny_models, tracking_uri, tmp_path):
+    cfg = compose(FAST + ["trainer.max_steps=60", "trainer.val_check_interval=30"], tmp_path / "job")
+    best = run(cfg)
+    r = only_run(tracking_uri)
+    assert r.info.status == "FINISHED"
+    bpb = history(tracking_uri, r.info.run_id, "val/chosen_bpb")
+    acc = history(tracking_uri, r.info.run_id, "val/pref_accuracy")
+    assert [s for s, _ in bpb] == [0, 29, 59]
+    (_, bpb0), (_, bpb_end) = bpb[0], bpb[-1]
+    (_, acc0), (_, acc_end) = acc[0], acc[-1]
+    assert bpb_end < 0.75 * bpb0, bpb
+    assert acc_end >= acc0 + 0.2, acc
+    # The job's return value is its best selection value, also logged and written to result.json.
+    assert best == pytest.approx(min(v for s, v in bpb if s > 0), rel=1e-6)
+    assert r.data.metrics["best/val/chosen_bpb"] == pytest.approx(best, rel=1e-6)
+    result = json.loads((tmp_path / "job" / "result.json").read_text())
+    assert result["best_value"] == pytest.approx(best) and Path(result["best_checkpoint"]).is_file()
+    # Every ORPO metric TRL logs is recorded per step.
+    for key in ("nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected",
+                "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert len(history(tracking_uri, r.info.run_id, f"train/{key}")) >= 10, key
+    # Reproducibility: seed, versions, commit and data hash.
+    assert r.data.params["seed"] == "42" and r.data.params["orpo.beta"] == "0.1"
+    for tag in ("versions.torch", "versions.transformers", "orpolab.git_commit", "orpolab.data_hash"):
+        assert r.data.tags.get(tag), tag
+
+
+def test_checkpoint_holds_adapter_and_optimizer_not_base_weights(tiny_models, tracking_uri, tmp_path):
+    run(compose(FAST + ["trainer.max_steps=10", "trainer.val_check_interval=10"], tmp_path / "job"))
+    ckpt = torch.load(tmp_path / "job" / "checkpoints" / "last.ckpt", weights_only=False)
+    keys = list(ckpt["state_dict"])
+    assert keys and all("lora_" in k for k in keys)
+    assert ckpt["optimizer_states"][0]["state"], "optimizer state is saved for resuming"
+    assert ckpt["global_step"] == 10
+
+
+def test_resume_from_last_checkpoint_continues(tiny_models, tracking_uri, tmp_path):
+    common = FAST + ["trainer.val_check_interval=10", "eval_before_training=true"]
+    run(compose(common + ["trainer.max_steps=20"], tmp_path / "job"))
+    first = MlflowClient(tracking_uri).search_runs(["1"])[0]
+    val0 = history(tracking_uri, first.info.run_id, "val/loss")[0][1]
+    run(compose(common + ["trainer.max_steps=30", "resume_from=last"], tmp_path / "job"))
+    second = [r for r in MlflowClient(tracking_uri).search_runs(["1"]) if r.info.run_id != first.info.run_id][0]
+    steps = [s for s, _ in history(tracking_uri, second.info.run_id, "train/loss")]
+    assert min(steps) >= 20 and max(steps) == 29, steps  # step counter continues, no step-0 restart
+    # The restored adapter starts where the first run stopped, far below the untrained loss.
+    first_losses = [v for _, v in history(tracking_uri, second.info.run_id, "train/loss")]
+    assert first_losses[0] < val0 - 0.5
+    assert json.loads((tmp_path / "job" / "result.json").read_text())["global_step"] == 30
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_models, tracking_uri, tmp_path):
+    with pytest.raises(OrpolabError, match="cannot resume: checkpoint .*last.ckpt does not exist"):
+        run(compose(FAST + ["resume_from=last"], tmp_path / "job"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("orpo.beta=0", "orpo.beta must be positive"),
+    ("orpo.beta=-0.1", "orpo.beta must be positive"),
+    ("optim.lr=0", "optim.lr must be positive"),
+    ("model.name_or_path=/nonexistent/model", "model path /nonexistent/model does not exist"),
+    ("data.path=/nonexistent/train.jsonl", "data path /nonexistent/train.jsonl does not exist"),
+])
+def test_bad_input_is_a_clear_error_and_a_failed_run(tiny_models, tracking_uri, tmp_path, override, message):
+    with pytest.raises(OrpolabError, match=message):
+        run(compose(FAST + [override], tmp_path / "job"))
+    r = only_run(tracking_uri)
+    assert r.info.status == "FAILED" and message in r.data.tags["orpolab.error"]
+
+
+def test_gated_model_without_token_says_how_to_log_in(tracking_uri, tmp_path, monkeypatch):
+    import transformers
+
+    def gated(*args, **kwargs):
+        raise OSError("You are trying to access a gated repo.\nMake sure to have access to it at "
+                      "https://huggingface.co/meta-llama/Llama-3.2-1B-Instruct.\n401 Client Error.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", gated)
+    with pytest.raises(OrpolabError, match=r"gated model.*hf auth login"):
+        run(compose(["model=llama1b", "data=sample"], tmp_path / "job"))
+
+
+def test_single_run_error_is_one_sentence_not_a_traceback(tiny_models, tracking_uri):
+    proc = run_train(FAST + ["orpo.beta=0"])
+    assert proc.returncode == 1
+    assert "error: orpo.beta must be positive, got 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
