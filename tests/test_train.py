@@ -114,3 +114,18 @@ def test_single_run_error_is_one_sentence_not_a_traceback(tiny_models, tracking_
     assert proc.returncode == 1
     assert "error: orpo.beta must be positive, got 0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_qlora_loads_4bit_base_and_trains_only_the_adapter(tiny_models, tracking_uri, tmp_path):
+    import bitsandbytes as bnb
+
+    cfg = compose(FAST + ["lora=qlora", "trainer.max_steps=4", "trainer.val_check_interval=4"], tmp_path / "job")
+    assert run(cfg) is not None
+    from orpolab.model import LoraSettings, ModelConfig, apply_lora, load_model
+
+    model_cfg = ModelConfig(name_or_path=str(tiny_models / "tiny_llama"), lora_target_modules=["q_proj", "v_proj"])
+    lora = LoraSettings(r=4, alpha=8, load_in_4bit=True)
+    model = apply_lora(load_model(model_cfg, lora), model_cfg, lora)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
