@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +55,25 @@ class SweepCallback(Callback):
         parent = tracking.JobRun(uri, summary["parent_run_id"])
         parent.log_metrics({"sweep/jobs_finished": summary["finished"], "sweep/jobs_failed": summary["failed"]})
         parent.finish()
-        print(format_summary(summary, uri, sweep_dir))
+        print(format_summary(summary, uri, sweep_dir), flush=True)
+        if config.get("export") and config.export.enabled:
+            run_export(uri, name, sweep_dir)
+
+
+def run_export(tracking_uri: str, experiment: str, sweep_dir: str) -> bool:
+    """The export in its own process: the training jobs' memory is freed, a crash stays contained."""
+    if not any(j["status"] == "FINISHED" for j in (summarize_sweep(tracking_uri, experiment, sweep_dir) or {}).get(
+            "jobs", [])):
+        print("No job finished: nothing to export.", flush=True)
+        return False
+    print("\nExporting the winner (merge, GGUF, quantize, verify) ...", flush=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    proc = subprocess.run([sys.executable, "-m", "orpolab.export", sweep_dir, "--tracking-uri", tracking_uri,
+                           "--experiment", experiment], env=env)
+    if proc.returncode != 0:
+        print(f"Export failed (exit {proc.returncode}); rerun it with: python -m orpolab.export {sweep_dir}",
+              flush=True)
+    return proc.returncode == 0
 
 
 def summarize_sweep(tracking_uri: str, experiment: str, sweep_dir: str) -> dict | None:

@@ -30,7 +30,7 @@ from orpolab.errors import OrpolabError
 log = logging.getLogger(__name__)
 
 # Bump when the tokenized format changes, so stale caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -211,7 +211,16 @@ def tokenize_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str, max
     prompt_text, chosen_completion = render(tokenizer, prompt, chosen)
     _, rejected_completion = render(tokenizer, prompt, rejected)
     enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    p, c, r = enc(prompt_text), enc(chosen_completion), enc(rejected_completion)
+    p = enc(prompt_text)
+
+    def completion_ids(completion: str) -> list[int]:
+        # Tokenize the whole conversation and cut at the prompt: the ids then equal what
+        # inference sees (tokenizing the answer on its own can differ at the boundary, e.g. a
+        # SentencePiece prefix space). Fall back to the answer alone if the prompt is not a prefix.
+        full = enc(prompt_text + completion)
+        return full[len(p):] if full[: len(p)] == p else enc(completion)
+
+    c, r = completion_ids(chosen_completion), completion_ids(rejected_completion)
     truncated = len(p) + max(len(c), len(r)) > max_length
     if truncated:
         p = p[-max_prompt_length:] if len(p) > max_prompt_length else p

@@ -55,6 +55,10 @@ class TokenizerSpec:
     extra: tuple[str, ...]
     template: str
     unk: str = "<unk>"
+    # SentencePiece's "dummy prefix": a space before every text run. Phi-3's tokenizer has it, and
+    # llama.cpp's Phi-3 path always applies it (after every special token too), so the Hugging Face
+    # side must do the same ("legacy" Metaspace, prepend_scheme "always") for identical token ids.
+    prefix_space: bool = False
 
 
 SPECS = {
@@ -68,7 +72,7 @@ SPECS = {
     "phi": TokenizerSpec(
         bos="<s>", eos_piece="</s>", eos_token="<|endoftext|>", pad="<|endoftext|>",
         extra=("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
-        template=PHI3_TEMPLATE,
+        template=PHI3_TEMPLATE, prefix_space=True,
     ),
     "mistral": TokenizerSpec(
         bos="<s>", eos_piece="</s>", eos_token="</s>", pad="</s>",
@@ -120,7 +124,7 @@ def train_sentencepiece(texts: list[str], spec: TokenizerSpec, vocab_size: int) 
         byte_fallback=True, user_defined_symbols=user_defined, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         unk_piece=spec.unk, bos_piece=spec.bos, eos_piece=spec.eos_piece, hard_vocab_limit=False,
         character_coverage=1.0, split_digits=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, add_dummy_prefix=spec.prefix_space, allow_whitespace_only_pieces=True,
         minloglevel=2, num_threads=1,
     )
     return model.getvalue()
@@ -136,10 +140,13 @@ def build_tokenizer(family: str, out: Path, data_dir: Path, vocab_size: int = 51
     (out / "tokenizer.model").write_bytes(proto)
     tok = LlamaTokenizer.from_pretrained(
         str(out), bos_token=spec.bos, eos_token=spec.eos_token, unk_token=spec.unk, pad_token=spec.pad,
-        add_prefix_space=False, legacy=False, extra_special_tokens=list(spec.extra),
+        add_prefix_space=spec.prefix_space, legacy=spec.prefix_space, extra_special_tokens=list(spec.extra),
     )
     tok.chat_template = spec.template
     tok.save_pretrained(str(out))
+    from orpolab.llamacpp import write_added_tokens_decoder
+
+    write_added_tokens_decoder(out, tok)
     return tok
 
 

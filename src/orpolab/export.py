@@ -1,0 +1,243 @@
+"""Turn a finished sweep into a CPU model: winner -> merged model -> GGUF (f16 + quants) -> verified.
+
+Runs after every multirun (``SweepCallback.on_multirun_end`` starts it as a subprocess, so the
+memory held by the training jobs is freed), or by hand on an existing sweep:
+
+    python -m orpolab.export multirun/demo/2026-11-22_10-00-00
+    python -m orpolab.export --run-id <MLflow parent run id> --quant Q4_K_M Q8_0
+
+Everything lands in ``<sweep>/export/`` and on the sweep's MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from orpolab import llamacpp, tracking
+from orpolab.data import DataConfig, SkipRow, load_rows, normalize_row
+from orpolab.errors import OrpolabError
+from orpolab.merge import check_disk, merge, parameter_count
+from orpolab.model import LoraSettings, ModelConfig
+from orpolab.select import select_winner, sweep_parent
+from orpolab.verify import VerifyConfig, verify_gguf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportConfig:
+    """``conf/export/``."""
+
+    enabled: bool = True
+    quant_types: list[str] = field(default_factory=lambda: ["Q4_K_M"])
+    include_base: bool = True
+    memory_headroom: float = 1.2
+    log_gguf_max_mb: int = 512
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+
+    @classmethod
+    def from_node(cls, node: DictConfig | dict | None) -> ExportConfig:
+        values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+        verify = VerifyConfig(**values.pop("verify", {}))
+        cfg = cls(**values, verify=verify)
+        for q in cfg.quant_types:
+            if q.upper() not in llamacpp.QUANT_TYPES or q.upper() == "F16":
+                raise OrpolabError(
+                    f"unsupported quantization type {q!r} in export.quant_types; choose from "
+                    f"{', '.join(t for t in llamacpp.QUANT_TYPES if t != 'F16')} (f16 is always written)"
+                )
+        return cfg
+
+
+def held_out_texts(job_cfg: DictConfig, tokenizer, n: int) -> list[str]:
+    """Chat-formatted held-out conversations (prompt + chosen answer) for verification."""
+    data_cfg = DataConfig(**OmegaConf.to_container(job_cfg.data, resolve=True))
+    rows = load_rows(data_cfg.eval_path or data_cfg.path, data_cfg.eval_split if data_cfg.eval_path else data_cfg.split)
+    texts = []
+    for row in rows:
+        try:
+            prompt, chosen, _ = normalize_row(row, data_cfg)
+        except SkipRow:
+            continue
+        text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": chosen}], tokenize=False)
+        texts.append(text)
+        if len(texts) >= n:
+            break
+    if not texts:
+        raise OrpolabError("no held-out text to verify the export on")
+    return texts
+
+
+def base_model_dir(model_cfg: ModelConfig) -> Path:
+    """A local folder of the base model for the converter (a hub snapshot for hub ids)."""
+    local = Path(model_cfg.name_or_path).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model_cfg.name_or_path, revision=model_cfg.revision,
+                                  allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]))
+
+
+def gguf_set(src: Path, stem: str, out_dir: Path, quants: list[str], cache_dir: str) -> dict[str, Path]:
+    """f16 GGUF via llama.cpp's converter, then each quantization of it."""
+    files = {"F16": llamacpp.convert(src, out_dir / f"{stem}-f16.gguf", cache_dir, "f16")}
+    for q in quants:
+        print(f"quantizing {stem} to {q} ...", flush=True)
+        files[q.upper()] = llamacpp.quantize(files["F16"], out_dir / f"{stem}-{q.upper()}.gguf", q)
+    return files
+
+
+def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = None, parent_run_id: str | None = None,
+                 export_cfg: ExportConfig | None = None) -> dict:
+    """The whole export; returns the summary also written to ``<sweep>/export/export.json``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    parent = sweep_parent(tracking_uri, experiment, sweep_dir, parent_run_id)
+    sweep = Path(parent.data.tags[tracking.SWEEP_TAG])
+    export_cfg = export_cfg or ExportConfig.from_node(_sweep_export_node(sweep))
+    winner = select_winner(tracking_uri, parent, parent.data.tags.get("orpolab.selection_metric", "selection"),
+                           _mode_of(tracking_uri, parent))
+    job_cfg = OmegaConf.load(Path(winner.output_dir) / ".hydra" / "config.yaml")
+    model_cfg = ModelConfig(**OmegaConf.to_container(job_cfg.model, resolve=True))
+    lora_cfg = LoraSettings(**OmegaConf.to_container(job_cfg.lora, resolve=True))
+    out = sweep / "export"
+    gguf_dir = out / "gguf"
+    cache_dir = str(Path(job_cfg.paths.cache_dir))
+    print(f"winner: job {winner.job_num} ({winner.overrides}), {winner.value:.4f}", flush=True)
+
+    # Disk: merged model + an f16 GGUF + quants for winner (and base), estimated from the parameter count.
+    n_params = parameter_count(AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision))
+    copies = 2 if export_cfg.include_base else 1
+    need = n_params * (4 + copies * (2 + len(export_cfg.quant_types)))
+    check_disk(out, need, "the export")
+
+    print("merging the adapter ...", flush=True)
+    merged_dir = merge(model_cfg, lora_cfg, winner.best_checkpoint, out / "merged", adapter_dir=out / "adapter",
+                       headroom=export_cfg.memory_headroom)
+    print("converting to GGUF ...", flush=True)
+    winner_files = gguf_set(merged_dir, "winner", gguf_dir, export_cfg.quant_types, cache_dir)
+    base_files = {}
+    if export_cfg.include_base:
+        base_files = gguf_set(base_model_dir(model_cfg), "base", gguf_dir, export_cfg.quant_types, cache_dir)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    texts = held_out_texts(job_cfg, tokenizer, export_cfg.verify.num_texts)
+    hf_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="float32").eval()
+    checks = [verify_gguf(hf_model, tokenizer, path, texts, q, export_cfg.verify) for q, path in winner_files.items()]
+    passed = all(c["passed"] for c in checks)
+    summary = {
+        "sweep_dir": str(sweep), "parent_run_id": parent.info.run_id, "passed": passed,
+        "winner": {"run_id": winner.run_id, "job": winner.job_num, "overrides": winner.overrides,
+                   "value": winner.value, "best_checkpoint": winner.best_checkpoint,
+                   "model": model_cfg.name_or_path, "config": OmegaConf.to_container(job_cfg, resolve=True)},
+        "merged_model": str(merged_dir), "adapter": str(out / "adapter"),
+        "gguf": {"winner": {k: str(v) for k, v in winner_files.items()},
+                 "base": {k: str(v) for k, v in base_files.items()}},
+        "verification": checks,
+    }
+    if not passed:
+        # A GGUF that is not the trained model must not look like one.
+        for check in checks:
+            if not check["passed"]:
+                bad = Path(check["gguf"])
+                os.replace(bad, bad.with_suffix(".failed-verification.gguf"))
+    _write_json(out / "export.json", summary)
+    _log_to_mlflow(tracking_uri, parent.info.run_id, summary, export_cfg)
+    print(format_verification(checks), flush=True)
+    if not passed:
+        raise OrpolabError(f"the exported GGUF does not match the trained model; see {out / 'export.json'}")
+    print(f"export: {out}", flush=True)
+    return summary
+
+
+def format_verification(checks: list[dict]) -> str:
+    lines = ["verification (GGUF vs merged PyTorch model on held-out text):"]
+    for c in checks:
+        lines.append(
+            f"  {Path(c['gguf']).name:<28} token ids {'identical' if not c['token_id_mismatches'] else 'DIFFER'}"
+            f"  ppl {c['ppl_gguf']:.3f} vs {c['ppl_pytorch']:.3f} (x{c['ppl_ratio']:.3f}, max {c['max_ppl_ratio']})"
+            f"  top-1 {c['top1_agreement']:.3f} (min {c['min_top1_agreement']})  {'ok' if c['passed'] else 'FAILED'}"
+        )
+    return "\n".join(lines)
+
+
+def _mode_of(tracking_uri: str, parent) -> str:
+    c = tracking.client(tracking_uri)
+    runs = c.search_runs([parent.info.experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = "
+                         f"'{parent.info.run_id}'", max_results=1)
+    return runs[0].data.tags.get("orpolab.selection_mode", "min") if runs else "min"
+
+
+def _sweep_export_node(sweep: Path):
+    cfg_file = sweep / "multirun.yaml"
+    if cfg_file.is_file():
+        cfg = OmegaConf.load(cfg_file)
+        if "export" in cfg:
+            return OmegaConf.to_container(cfg.export, resolve=False)
+    return None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _log_to_mlflow(tracking_uri: str, parent_run_id: str, summary: dict, cfg: ExportConfig) -> None:
+    run = tracking.JobRun(tracking_uri, parent_run_id)
+    run.log_dict(summary, "export/export.json")
+    run.set_tags({"orpolab.export_dir": str(Path(summary["merged_model"]).parent),
+                  "orpolab.merged_model": summary["merged_model"], "orpolab.export_passed": str(summary["passed"])})
+    for check in summary["verification"]:
+        q = check["quant"]
+        run.log_metrics({f"export/{q}/ppl_ratio": check["ppl_ratio"],
+                         f"export/{q}/top1_agreement": check["top1_agreement"],
+                         f"export/{q}/token_id_mismatches": check["token_id_mismatches"]})
+    for group in summary["gguf"].values():
+        for path in group.values():
+            p = Path(path)
+            if p.is_file() and p.stat().st_size <= cfg.log_gguf_max_mb * 2**20:
+                tracking.with_retry(lambda p=p: run.client.log_artifact(run.run_id, str(p), "export/gguf"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export a finished sweep's winner to GGUF (merge, convert, "
+                                                 "quantize, verify).")
+    parser.add_argument("sweep_dir", nargs="?", help="the sweep folder (multirun/...)")
+    parser.add_argument("--run-id", help="the sweep's MLflow parent run id instead of its folder")
+    parser.add_argument("--quant", nargs="+", help="quantization types (default: the sweep's export.quant_types)")
+    parser.add_argument("--no-base", action="store_true", help="do not convert the base model")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the project's mlflow.db)")
+    parser.add_argument("--experiment", default="orpolab")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    root = Path(os.environ.get("ORPOLAB_ROOT", Path.cwd()))
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    try:
+        node = _sweep_export_node(Path(args.sweep_dir)) if args.sweep_dir else None
+        cfg = ExportConfig.from_node(node)
+        if args.quant:
+            cfg = ExportConfig.from_node({**cfg.__dict__, "verify": cfg.verify.__dict__, "quant_types": args.quant})
+        if args.no_base:
+            cfg.include_base = False
+        export_sweep(uri, args.experiment, args.sweep_dir, args.run_id, cfg)
+    except OrpolabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Pick a sweep's winner from MLflow: the finished job with the best selection value.
+
+Rule (documented in README): among the sweep's child runs with status FINISHED that logged
+``best/<metric>``, the best value wins (lowest for ``min``, highest for ``max``); ties, values
+equal to 1e-12 relative, go to the lowest Hydra job number, then the earliest start. Failed
+and unfinished jobs are ignored. The winner's exported adapter is its *best* checkpoint, the one
+on which that value was measured, never its last.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from orpolab import tracking
+from orpolab.errors import OrpolabError
+
+
+@dataclass
+class Candidate:
+    run_id: str
+    job_num: int
+    status: str
+    value: float | None
+    best_checkpoint: str | None
+    output_dir: str | None
+    overrides: str
+    start_time: int
+
+
+def sweep_parent(tracking_uri: str, experiment: str, sweep_dir: str | None = None, parent_run_id: str | None = None):
+    """The parent run of a sweep, by folder or run id, with errors that say what was not found."""
+    c = tracking.client(tracking_uri)
+    if parent_run_id:
+        try:
+            return c.get_run(parent_run_id)
+        except Exception as err:
+            raise OrpolabError(f"MLflow run {parent_run_id} does not exist in {tracking_uri}") from err
+    if sweep_dir is None:
+        raise OrpolabError("give a sweep folder or an MLflow parent run id")
+    folder = Path(sweep_dir).resolve()
+    if not folder.is_dir():
+        raise OrpolabError(f"sweep folder {folder} does not exist")
+    exp = c.get_experiment_by_name(experiment)
+    parent = tracking.find_sweep_run(tracking_uri, exp.experiment_id, str(folder)) if exp else None
+    if parent is None:
+        raise OrpolabError(f"no MLflow sweep run for {folder} in {tracking_uri} (experiment {experiment!r})")
+    return parent
+
+
+def candidates(tracking_uri: str, parent) -> list[Candidate]:
+    c = tracking.client(tracking_uri)
+    runs = c.search_runs([parent.info.experiment_id],
+                         filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}'")
+    out = []
+    for run in runs:
+        metric = run.data.tags.get("orpolab.selection_metric", "")
+        value = run.data.metrics.get(f"best/{metric}")
+        out.append(Candidate(
+            run_id=run.info.run_id, job_num=int(run.data.tags.get("orpolab.job_num", "0")),
+            status=run.info.status, value=value, best_checkpoint=run.data.tags.get("orpolab.best_checkpoint"),
+            output_dir=run.data.tags.get("orpolab.output_dir"), overrides=run.data.tags.get("orpolab.overrides", ""),
+            start_time=run.info.start_time or 0,
+        ))
+    return out
+
+
+def rank(cands: list[Candidate], mode: str) -> list[Candidate]:
+    """Finished runs with a finite value, best first, ties broken by job number then start time."""
+    if mode not in ("min", "max"):
+        raise OrpolabError(f"selection.mode must be 'min' or 'max', got {mode!r}")
+    usable = [c for c in cands if c.status == "FINISHED" and c.value is not None and math.isfinite(c.value)]
+    sign = 1.0 if mode == "min" else -1.0
+    # Round to 12 significant digits so float noise does not decide a tie.
+    return sorted(usable, key=lambda c: (float(f"{sign * c.value:.12g}"), c.job_num, c.start_time))
+
+
+def select_winner(tracking_uri: str, parent, metric: str, mode: str, log_to_parent: bool = True) -> Candidate:
+    """The winner, with the full ranking logged on the parent run; errors if every job failed."""
+    cands = candidates(tracking_uri, parent)
+    ranking = rank(cands, mode)
+    if not ranking:
+        failed = sum(c.status == "FAILED" for c in cands)
+        raise OrpolabError(
+            f"no finished job to export in sweep run {parent.info.run_id}: {len(cands)} job(s), {failed} failed. "
+            "See the jobs' orpolab.error tags in MLflow; nothing was exported."
+        )
+    winner = ranking[0]
+    if not winner.best_checkpoint or not Path(winner.best_checkpoint).is_file():
+        raise OrpolabError(f"the winner's best checkpoint {winner.best_checkpoint} is missing (job {winner.job_num})")
+    if log_to_parent:
+        job = tracking.JobRun(tracking_uri, parent.info.run_id)
+        table = {"metric": metric, "mode": mode, "rule": "best value; ties -> lowest job number, then earliest start",
+                 "ranking": [asdict(c) for c in ranking],
+                 "ignored": [asdict(c) for c in cands if c not in ranking]}
+        job.log_dict(table, "selection/ranking.json")
+        job.set_tags({"orpolab.winner_run_id": winner.run_id, "orpolab.winner_job": str(winner.job_num),
+                      "orpolab.winner_overrides": winner.overrides})
+        job.log_metrics({f"winner/{metric}": winner.value})
+    return winner
+
