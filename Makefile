@@ -5,6 +5,9 @@ BIN     = $(VENV)/bin
 # CPU build of PyTorch; GPU users: install the CUDA build of torch into the venv instead (README).
 TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
+# llama-cpp-python compiles llama.cpp from source (a few minutes, cached by pip afterwards); the
+# multimodal part is not needed. GPU users may add -DGGML_CUDA=on.
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
 .PHONY: setup tiny-models demo test lint mlflow-ui clean
 
@@ -12,7 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "$(TORCH_SPEC)"
-	$(BIN)/pip install -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -e ".[dev]"
+	$(BIN)/python -m orpolab.llamacpp .cache
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -105,9 +105,12 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> Pa
     return dst
 
 
-def tensor_types(gguf_file: Path) -> dict[str, str]:
+def tensor_types(gguf_file: Path, cache_dir: str | Path) -> dict[str, str]:
     """Tensor name -> GGML type name, read with the converter's own gguf-py."""
-    from gguf import GGUFReader  # noqa: PLC0415 (gguf-py from the converter folder or the gguf package)
+    gguf_py = str(converter_dir(cache_dir) / "gguf-py")
+    if gguf_py not in sys.path:
+        sys.path.insert(0, gguf_py)
+    from gguf import GGUFReader
 
     reader = GGUFReader(str(gguf_file))
     return {t.name: t.tensor_type.name for t in reader.tensors}
@@ -143,3 +146,8 @@ def write_added_tokens_decoder(folder: Path, tokenizer) -> None:
     tmp = config_file.with_name(f".{config_file.name}.tmp")
     tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False))
     os.replace(tmp, config_file)
+
+
+if __name__ == "__main__":
+    # `python -m orpolab.llamacpp [cache_dir]`: fetch the converter now (make setup does), not mid-export.
+    print(converter_dir(sys.argv[1] if len(sys.argv) > 1 else ".cache"))

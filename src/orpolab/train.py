@@ -132,12 +132,14 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path) -> float:
 
     checkpoint_dir = output_dir / "checkpoints"
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
-    for cb in callbacks:
-        if isinstance(cb, L.pytorch.callbacks.ModelCheckpoint):
-            cb.dirpath = str(checkpoint_dir)
-    checkpoint = next((c for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint)), None)
-    if checkpoint is None:
-        raise OrpolabError("callbacks must include a ModelCheckpoint (conf/callbacks/default.yaml has one)")
+    checkpoints = [c for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint)]
+    for cb in checkpoints:
+        cb.dirpath = str(checkpoint_dir)
+    checkpoint = next((c for c in checkpoints if c.monitor == cfg.selection.metric), None)
+    latest = next((c for c in checkpoints if c.monitor is None), None)
+    if checkpoint is None or latest is None:
+        raise OrpolabError("callbacks must include a ModelCheckpoint monitoring the selection metric and one "
+                           "without a monitor (conf/callbacks/default.yaml has both)")
     logger = MLFlowLogger(experiment_name=cfg.logger.mlflow.experiment_name,
                           tracking_uri=cfg.logger.mlflow.tracking_uri, run_id=job.run_id, log_model=False)
     trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir))
@@ -157,7 +159,7 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path) -> float:
     result = {
         "run_id": job.run_id, "selection_metric": cfg.selection.metric, "selection_mode": cfg.selection.mode,
         "best_value": best, "best_checkpoint": checkpoint.best_model_path,
-        "last_checkpoint": checkpoint.last_model_path,
+        "last_checkpoint": latest.best_model_path,
         "global_step": trainer.global_step, "model": model_cfg.name_or_path, "data_hash": data.data_hash,
     }
     job.set_tags({"orpolab.best_checkpoint": checkpoint.best_model_path})
