@@ -21,7 +21,7 @@ def tiny_models() -> Path:
     from orpolab import tiny
 
     for family in FAMILIES:
-        if not (TINY_DIR / f"tiny_{family}" / "config.json").exists():
+        if not tiny.is_current(TINY_DIR / f"tiny_{family}"):
             tiny.build(family, TINY_DIR / f"tiny_{family}", ROOT / "data" / "sample")
     return TINY_DIR
 

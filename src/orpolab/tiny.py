@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FAMILIES = ("llama", "phi", "mistral")
+# Bump when what build() writes changes, so existing folders are rebuilt.
+TINY_VERSION = "2"
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -201,6 +203,7 @@ def build(family: str, out: str | Path, data_dir: str | Path, seed: int = 0, sha
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
         )
         model.save_pretrained(str(tmp))
+        (tmp / ".orpolab-tiny-version").write_text(TINY_VERSION)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -208,6 +211,12 @@ def build(family: str, out: str | Path, data_dir: str | Path, seed: int = 0, sha
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def is_current(folder: Path) -> bool:
+    """True when ``folder`` holds a tiny model built by this version of ``build``."""
+    stamp = Path(folder) / ".orpolab-tiny-version"
+    return stamp.is_file() and stamp.read_text() == TINY_VERSION
 
 
 def main() -> None:
@@ -219,8 +228,8 @@ def main() -> None:
     args = parser.parse_args()
     for family in args.families:
         target = Path(args.out) / f"tiny_{family}"
-        if target.exists() and not args.force:
-            print(f"{target} exists (use --force to rebuild)")
+        if is_current(target) and not args.force:
+            print(f"{target} is up to date (use --force to rebuild)")
             continue
         build(family, target, args.data)
         print(f"built {target}")
