@@ -56,3 +56,20 @@ def run_train(args: list[str], env_extra: dict | None = None, timeout: int = 600
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+EVAL_SMALL = ["evaluation.judge.stand_in=true", "eval_prompts=sample", "eval_prompts.max_prompts=6",
+              "evaluation.generation.max_tokens=32", "evaluation.judge.max_tokens=64",
+              "evaluation.judge.max_feedback_chars=60"]
+
+
+@pytest.fixture(scope="session")
+def sweep(tiny_models, tmp_path_factory):
+    """A 2-job sweep on tiny_llama whose post-sweep hook exports the winner (shared by test modules)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    proc = run_train(["-m", "experiment=demo", "trainer.max_steps=60", "trainer.val_check_interval=30",
+                      "trainer.enable_progress_bar=false", "orpo.beta=0.05,0.1", f"hydra.sweep.dir={tmp / 'sweep'}",
+                      *EVAL_SMALL], env_extra={"MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout}

@@ -25,7 +25,7 @@ from orpolab.model import LoraSettings, ModelConfig
 from orpolab.select import Candidate, rank, select_winner, sweep_parent
 from orpolab.verify import VerifyConfig, verify_gguf
 
-from .conftest import ROOT, TINY_DIR, compose, run_train
+from .conftest import ROOT, TINY_DIR, compose
 
 CACHE = str(ROOT / ".cache")
 
@@ -37,18 +37,6 @@ def export_cli(args: list[str], uri: str) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------ a real sweep, exported by its hook
-
-
-@pytest.fixture(scope="module")
-def sweep(tiny_models, tmp_path_factory):
-    """A 2-job sweep on tiny_llama whose post-sweep hook exports the winner."""
-    tmp = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    proc = run_train(["-m", "experiment=demo", "trainer.max_steps=60", "trainer.val_check_interval=30",
-                      "trainer.enable_progress_bar=false", "orpo.beta=0.05,0.1", f"hydra.sweep.dir={tmp / 'sweep'}"],
-                     env_extra={"MLFLOW_TRACKING_URI": uri})
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout}
 
 
 def test_hook_exports_the_winner_with_verified_ggufs(sweep):

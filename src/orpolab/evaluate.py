@@ -1,0 +1,237 @@
+"""Evaluate the exported winner against its base on the CPU: answers, Flow Judge verdicts, scores.
+
+Stages, each runnable alone on an existing sweep and each resuming from its saved results:
+
+    python -m orpolab.evaluate <sweep> --stage generate   # answers of base and winner (GGUF)
+    python -m orpolab.evaluate <sweep> --stage judge      # Flow Judge verdicts
+    python -m orpolab.evaluate <sweep> --stage score      # objective accuracy, bootstrap, ... -> results.json
+    python -m orpolab.evaluate <sweep> --stage report     # report/ (Markdown + plots) and MLflow
+    python -m orpolab.evaluate <sweep>                    # all of them
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from orpolab.data import DataConfig, SkipRow, load_rows, normalize_row, split_rows
+from orpolab.errors import OrpolabError
+from orpolab.generate import GenerationConfig, answer_prompts, append_jsonl, read_jsonl
+from orpolab.sample_task import is_correct
+from orpolab.stats import bootstrap_mean_ci, judge_agreement, paired_comparison
+
+MODELS = ("base", "winner")
+STAGES = ("generate", "judge", "score", "report")
+
+
+def load_prompts(cfg: DictConfig, job_cfg: DictConfig) -> list[dict]:
+    """Evaluation prompts as ``{id, prompt, reference, expected}`` (``expected`` for checkable ones)."""
+    kind, limit = cfg.kind, cfg.max_prompts
+    rows: list[dict] = []
+    if kind == "heldout":
+        data_cfg = DataConfig(**OmegaConf.to_container(job_cfg.data, resolve=True))
+        source = load_rows(data_cfg.eval_path, data_cfg.eval_split) if data_cfg.eval_path else split_rows(
+            load_rows(data_cfg.path, data_cfg.split), data_cfg.eval_size, data_cfg.split_seed)[1]
+        for row in source:
+            try:
+                prompt, chosen, _ = normalize_row(row, data_cfg)
+            except SkipRow:
+                continue
+            if prompt[-1]["role"] == "user":
+                rows.append({"prompt": prompt[-1]["content"], "reference": chosen, "expected": row.get("answer")})
+    elif kind == "conversations":
+        for row in load_rows(cfg.path, cfg.split):
+            turns = row.get(cfg.prompt_field) or []
+            human = next((t.get("value") for t in turns if t.get("from") in ("human", "user")), None)
+            gpt = next((t.get("value") for t in turns if t.get("from") in ("gpt", "assistant")), None)
+            if human and gpt:
+                rows.append({"prompt": human, "reference": gpt, "expected": None})
+            if limit and len(rows) >= limit:
+                break
+    elif kind == "fields":
+        for row in load_rows(cfg.path, cfg.split):
+            prompt = row.get(cfg.prompt_field)
+            if not isinstance(prompt, str) or not prompt.strip():
+                continue
+            ref = row.get(cfg.reference_field) if cfg.reference_field else None
+            rows.append({"prompt": prompt, "expected": ref if cfg.checker else None,
+                         "reference": f"The answer is {ref}." if cfg.checker == "arithmetic" else ref})
+    else:
+        raise OrpolabError(f"eval_prompts.kind must be heldout, conversations or fields, got {kind!r}")
+    rows = rows[:limit] if limit else rows
+    if not rows:
+        raise OrpolabError(f"the evaluation prompt set ({kind}: {cfg.get('path')}) is empty")
+    return [{"id": i, **r} for i, r in enumerate(rows)]
+
+
+class Evaluation:
+    """Paths and settings of one sweep's evaluation, read from its export and its config."""
+
+    def __init__(self, sweep_dir: str | Path, tracking_uri: str):
+        self.sweep = Path(sweep_dir).resolve()
+        export_file = self.sweep / "export" / "export.json"
+        if not export_file.is_file():
+            raise OrpolabError(f"{self.sweep} has no export (export/export.json); run `python -m orpolab.export "
+                               f"{self.sweep}` first")
+        self.export = json.loads(export_file.read_text())
+        self.tracking_uri = tracking_uri
+        self.job_cfg = OmegaConf.create(self.export["winner"]["config"])
+        if "evaluation" not in self.job_cfg or "eval_prompts" not in self.job_cfg:
+            raise OrpolabError("the winner's config has no evaluation settings (conf/evaluation, conf/eval_prompts)")
+        self.cfg, self.prompts_cfg = self.job_cfg.evaluation, self.job_cfg.eval_prompts
+        self.out = self.sweep / "evaluation"
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def gguf(self, model: str) -> Path:
+        quant = str(self.cfg.quant).upper()
+        files = self.export["gguf"][model]
+        if quant not in files:
+            raise OrpolabError(f"no {quant} GGUF of the {model} model in the export (have {sorted(files)}); "
+                               "set evaluation.quant or export.quant_types")
+        return Path(files[quant])
+
+    def prompts(self) -> list[dict]:
+        return load_prompts(self.prompts_cfg, self.job_cfg)
+
+    def judge_file(self) -> tuple[Path, str, bool]:
+        j = self.cfg.judge
+        if j.stand_in:
+            f = self.gguf("base")
+            return f, f"STAND-IN judge: {f.name} (a tiny local model, not Flow Judge; its scores mean nothing)", True
+        from orpolab.judge import resolve_judge_file
+
+        f = resolve_judge_file(j.path, j.repo_id, j.filename)
+        return f, f"Flow Judge ({f.name})", False
+
+    # ---------------------------------------------------------------- stages
+
+    def generate(self) -> None:
+        gen = GenerationConfig(**OmegaConf.to_container(self.cfg.generation, resolve=True))
+        prompts = self.prompts()
+        for model in MODELS:
+            answer_prompts(self.gguf(model), prompts, self.out / f"answers-{model}.jsonl", gen, model)
+
+    def judge(self) -> None:
+        from flow_judge import EvalInput, FlowJudge
+
+        from orpolab.judge import LlamaCppFlowJudge, metric_by_name
+
+        prompts = {p["id"]: p for p in self.prompts()}
+        answers = {m: {a["id"]: a for a in read_jsonl(self.out / f"answers-{m}.jsonl")} for m in MODELS}
+        if not all(answers.values()):
+            raise OrpolabError("no answers to judge yet; run the generate stage first")
+        judge_file, judge_name, _ = self.judge_file()
+        j = self.cfg.judge
+        for metric_name in j.metrics:
+            metric = metric_by_name(metric_name)
+            out_file = self.out / f"verdicts-{metric_name}.jsonl"
+            done = {(v["model"], v["id"]) for v in read_jsonl(out_file)}
+            todo = [(pid, m) for pid in prompts for m in MODELS  # both answers to a question back to back
+                    if (m, pid) not in done and pid in answers[m] and "answer" in answers[m][pid]]
+            if not todo:
+                continue
+            backend = LlamaCppFlowJudge(judge_file, [r.score for r in metric.rubric], j.max_tokens,
+                                        j.max_feedback_chars, j.n_ctx, name=judge_name)
+            judge = FlowJudge(metric=metric, model=backend, output_dir=str(self.out / "flow_judge"))
+            try:
+                from tqdm.auto import tqdm
+
+                for pid, model in tqdm(todo, desc=f"judging {metric_name}", unit="verdict", disable=None):
+                    inputs = {"query": prompts[pid]["prompt"]}
+                    if "reference_answer" in metric.required_inputs:
+                        inputs["reference_answer"] = str(prompts[pid].get("reference") or "")
+                    if "context" in metric.required_inputs:
+                        inputs["context"] = str(prompts[pid].get("reference") or "")
+                    ordered = [{k: inputs[k]} for k in metric.required_inputs]
+                    verdict = judge.evaluate(EvalInput(inputs=ordered, output={metric.required_output:
+                                                                              answers[model][pid]["answer"]}))
+                    append_jsonl(out_file, {"id": pid, "model": model, "score": verdict.score,
+                                            "feedback": verdict.feedback, "judge": judge_name})
+            finally:
+                backend.close()
+
+    def score(self) -> dict:
+        boot = self.cfg.bootstrap
+        prompts = self.prompts()
+        answers = {m: {a["id"]: a for a in read_jsonl(self.out / f"answers-{m}.jsonl")} for m in MODELS}
+        results: dict = {"prompts": len(prompts), "judge": self.judge_file()[1],
+                         "stand_in": bool(self.cfg.judge.stand_in),
+                         "generation": OmegaConf.to_container(self.cfg.generation, resolve=True),
+                         "quant": str(self.cfg.quant).upper(), "models": {}, "metrics": {}}
+        for m in MODELS:
+            rows = [answers[m].get(p["id"], {}) for p in prompts]
+            answered = [r for r in rows if "answer" in r]
+            n = max(1, len(answered))
+            stats = {
+                "answered": len(answered), "skipped": sum("skipped" in r for r in rows),
+                "ended_by_eos": sum(r["finish_reason"] == "stop" for r in answered) / n,
+                "mean_tokens": sum(r["completion_tokens"] for r in answered) / n,
+                "mean_repeated_3gram_fraction": sum(r["repeated_3gram_fraction"] for r in answered) / n,
+            }
+            checkable = [(p, answers[m].get(p["id"], {})) for p in prompts if p.get("expected") is not None]
+            if checkable:
+                correct = [float(is_correct(a.get("answer", ""), int(p["expected"]))) for p, a in checkable]
+                lo, hi = bootstrap_mean_ci(correct, boot.n_resamples, seed=boot.seed)
+                stats["accuracy"] = {"mean": sum(correct) / len(correct), "ci_low": lo, "ci_high": hi,
+                                     "n": len(correct)}
+            results["models"][m] = stats
+        for metric_name in self.cfg.judge.metrics:
+            verdicts = read_jsonl(self.out / f"verdicts-{metric_name}.jsonl")
+            score = {(v["model"], v["id"]): (v["score"] if v["score"] >= 0 else None) for v in verdicts}
+            per = {m: [score.get((m, p["id"])) for p in prompts] for m in MODELS}
+            entry = {"parse_failures": sum(v["score"] < 0 for v in verdicts), "verdicts": len(verdicts),
+                     "paired": paired_comparison(per["winner"], per["base"], boot.n_resamples, boot.seed)}
+            for m in MODELS:
+                vals = [s for s in per[m] if s is not None]
+                if vals:
+                    lo, hi = bootstrap_mean_ci(vals, boot.n_resamples, seed=boot.seed)
+                    entry[m] = {"mean": sum(vals) / len(vals), "ci_low": lo, "ci_high": hi, "n": len(vals)}
+                checkable = [(s, is_correct(answers[m].get(p["id"], {}).get("answer", ""), int(p["expected"])))
+                             for p, s in zip(prompts, per[m], strict=True) if p.get("expected") is not None]
+                if checkable:
+                    entry.setdefault("agreement", {})[m] = judge_agreement([s for s, _ in checkable],
+                                                                           [c for _, c in checkable],
+                                                                           self.cfg.judge.good_threshold)
+            results["metrics"][metric_name] = entry
+        tmp = self.out / ".results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, self.out / "results.json")
+        return results
+
+    def report(self, report_dir: Path) -> Path:
+        from orpolab.report import write_report
+
+        return write_report(self, report_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Evaluate a sweep's exported winner against its base on the CPU.")
+    parser.add_argument("sweep_dir")
+    parser.add_argument("--stage", choices=STAGES, action="append", help="run only these stages (repeatable)")
+    parser.add_argument("--report-dir", default=None, help="default: report/ in the project")
+    parser.add_argument("--tracking-uri", default=None)
+    args = parser.parse_args(argv)
+    root = Path(os.environ.get("ORPOLAB_ROOT", Path.cwd()))
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    try:
+        ev = Evaluation(args.sweep_dir, uri)
+        for stage in args.stage or STAGES:
+            print(f"evaluation stage: {stage}", flush=True)
+            if stage == "report":
+                path = ev.report(Path(args.report_dir) if args.report_dir else root / "report")
+                print(f"report: {path}", flush=True)
+            else:
+                getattr(ev, stage)()
+    except OrpolabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

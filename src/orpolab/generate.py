@@ -1,0 +1,108 @@
+"""Answers to evaluation prompts from GGUF models, on the CPU, saved as they come (resumable).
+
+Each model answers through its own chat template (llama-cpp-python's chat completion reads it
+from the GGUF), greedily or with a recorded seed, within a token budget. For every answer we keep
+what judges tend to miss: whether it ended by itself (``finish_reason == "stop"``) or ran into
+the budget, its length in tokens, and how much it repeats itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from orpolab.errors import OrpolabError
+
+
+@dataclass
+class GenerationConfig:
+    """``evaluation.generation``."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    seed: int = 0
+    n_ctx: int = 1024
+    threads: int | None = None
+
+
+def repeated_ngram_fraction(text: str, n: int = 3) -> float:
+    """Share of word n-grams that already occurred earlier in the answer (0 = no repetition)."""
+    words = text.split()
+    grams = [tuple(words[i: i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """One complete line per record, flushed: a kill leaves every earlier record intact."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def open_gguf(path: Path, n_ctx: int, threads: int | None, **kwargs):
+    from llama_cpp import Llama
+
+    if not path.is_file():
+        raise OrpolabError(f"GGUF file {path} does not exist")
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise OrpolabError(f"{path} is not a GGUF file")
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(), verbose=False, **kwargs)
+
+
+def answer_prompts(gguf: Path, prompts: list[dict], out_file: Path, cfg: GenerationConfig, label: str) -> list[dict]:
+    """Answer every prompt not yet in ``out_file``; returns all answers in prompt order.
+
+    Prompts longer than the context window (minus the token budget) are skipped and recorded
+    with ``skipped: "prompt_too_long"`` so they are counted, not silently lost.
+    """
+    done = {row["id"]: row for row in read_jsonl(out_file)}
+    todo = [p for p in prompts if p["id"] not in done]
+    if todo:
+        llm = open_gguf(gguf, cfg.n_ctx, cfg.threads)
+        try:
+            started, tokens = time.time(), 0
+            bar = tqdm(todo, desc=f"answers: {label}", unit="prompt", disable=None)
+            for i, prompt in enumerate(bar):
+                messages = [{"role": "user", "content": prompt["prompt"]}]
+                n_prompt = len(llm.tokenize(prompt["prompt"].encode(), add_bos=False))
+                if n_prompt + cfg.max_tokens + 32 > cfg.n_ctx:
+                    row = {"id": prompt["id"], "model": label, "skipped": "prompt_too_long"}
+                else:
+                    out = llm.create_chat_completion(messages, max_tokens=cfg.max_tokens,
+                                                     temperature=cfg.temperature, seed=cfg.seed)
+                    text = out["choices"][0]["message"]["content"] or ""
+                    row = {"id": prompt["id"], "model": label, "answer": text,
+                           "finish_reason": out["choices"][0]["finish_reason"],
+                           "completion_tokens": out["usage"]["completion_tokens"],
+                           "repeated_3gram_fraction": repeated_ngram_fraction(text)}
+                    tokens += row["completion_tokens"] + out["usage"]["prompt_tokens"]
+                append_jsonl(out_file, row)
+                done[prompt["id"]] = row
+                if i == 2 and len(todo) > 3:  # an estimate once the speed is known
+                    rate = (time.time() - started) / 3
+                    tqdm.write(f"{label}: about {rate * (len(todo) - 3):.0f} s left for {len(todo) - 3} prompts "
+                               f"({tokens / (time.time() - started):.0f} tokens/s)")
+        finally:
+            llm.close()
+    return [done[p["id"]] for p in prompts]
+
+
+def prompt_ids(rows: Iterable[dict]) -> list[dict]:
+    """Prompts with stable ids (their position), keeping any reference answer."""
+    return [{"id": i, **row} for i, row in enumerate(rows)]
