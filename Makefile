@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 # multimodal part is not needed. GPU users may add -DGGML_CUDA=on.
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: setup tiny-models demo test lint mlflow-ui clean
+.PHONY: setup tiny-models warm-up demo test lint mlflow-ui clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,10 @@ setup: $(STAMP)
 tiny-models: $(STAMP)
 	$(BIN)/python -m orpolab.tiny --out .cache/tiny_models --data data/sample
 
-demo: tiny-models
+warm-up: tiny-models
+	$(BIN)/python -m orpolab.warmup --models .cache/tiny_models --data data/sample/sft.jsonl --families llama phi --steps 150
+
+demo: warm-up
 	$(BIN)/python train.py -m experiment=demo model=tiny_llama,tiny_phi orpo.beta=0.05,0.1
 
 test: tiny-models

@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("ORPOLAB_ROOT", str(ROOT))
 TINY_DIR = ROOT / ".cache" / "tiny_models"
 FAMILIES = ("llama", "phi", "mistral")
+# experiment=demo starts from the warmed-up tiny models; tests start from the random ones.
+RANDOM_TINY = "paths.tiny_variant=''"
 
 
 @pytest.fixture(scope="session")
@@ -64,8 +66,23 @@ EVAL_SMALL = ["evaluation.judge.stand_in=true", "eval_prompts=sample", "eval_pro
 
 
 @pytest.fixture(scope="session")
-def sweep(tiny_models, tmp_path_factory):
-    """A 2-job sweep on tiny_llama whose post-sweep hook exports the winner (shared by test modules)."""
+def warm_llama(tiny_models) -> Path:
+    """tiny_llama after its supervised warm-up (what `make warm-up` builds): a really trained model."""
+    from orpolab import warmup
+
+    src, out = TINY_DIR / "tiny_llama", TINY_DIR / "tiny_llama_sft"
+    if not warmup.is_warm(out, src):
+        warmup.warm_up(src, out, ROOT / "data" / "sample" / "sft.jsonl")
+    return out
+
+
+@pytest.fixture(scope="session")
+def sweep(warm_llama, tmp_path_factory):
+    """A 2-job sweep from the warmed-up tiny_llama whose post-sweep hook exports and evaluates the winner.
+
+    Starting from a trained model matters: the export's verification must be shown to catch a broken
+    conversion on a model whose predictions are sharp, not on near-uniform random logits.
+    """
     tmp = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     proc = run_train(["-m", "experiment=demo", "trainer.max_steps=60", "trainer.val_check_interval=30",

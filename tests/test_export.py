@@ -25,7 +25,7 @@ from orpolab.model import LoraSettings, ModelConfig
 from orpolab.select import Candidate, rank, select_winner, sweep_parent
 from orpolab.verify import VerifyConfig, verify_gguf
 
-from .conftest import ROOT, TINY_DIR, compose
+from .conftest import RANDOM_TINY, ROOT, TINY_DIR, compose
 
 CACHE = str(ROOT / ".cache")
 
@@ -100,9 +100,9 @@ def test_verification_fails_a_deliberately_broken_conversion(sweep, tmp_path):
     merged_dir = sweep["dir"] / "export" / "merged"
     tok = AutoTokenizer.from_pretrained(merged_dir)
     hf = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    texts = [tok.apply_chat_template([{"role": "user", "content": f"What is {a} + 3?"},
-                                      {"role": "assistant", "content": f"{a} + 3 = {a + 3}. The answer is {a + 3}."}],
-                                     tokenize=False) for a in range(8)]
+    texts = [tok.apply_chat_template([{"role": "user", "content": f"Let k = {a} and x = 7. What is k?"},
+                                      {"role": "assistant", "content": f"k = {a}. The answer is {a}."}],
+                                     tokenize=False) for a in range(10, 18)]
     cfg = VerifyConfig()
     good = llamacpp.convert(merged_dir, tmp_path / "good.gguf", CACHE)
     assert verify_gguf(hf, tok, good, texts, "F16", cfg)["passed"]
@@ -126,7 +126,8 @@ def test_verification_fails_a_deliberately_broken_conversion(sweep, tmp_path):
     shutil.copytree(merged_dir, vocab)
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString((vocab / "tokenizer.model").read_bytes())
-    ids = [tok.convert_tokens_to_ids(t) for t in ("▁", "+")]
+    ids = [tok.convert_tokens_to_ids(t) for t in ("▁=", ".")]  # two frequent ordinary pieces
+    assert tok.unk_token_id not in ids
     a, b = proto.pieces[ids[0]], proto.pieces[ids[1]]
     a.piece, b.piece = b.piece, a.piece
     (vocab / "tokenizer.model").write_bytes(proto.SerializeToString())
@@ -222,7 +223,7 @@ def test_exported_adapter_is_the_best_checkpoint_not_the_last(tiny_models, track
     from orpolab.train import run
 
     # Ranking by the *highest* bits per byte makes the first evaluation the best one, so best != last.
-    run(compose(["experiment=demo", "trainer.max_steps=20", "trainer.val_check_interval=10",
+    run(compose(["experiment=demo", RANDOM_TINY, "trainer.max_steps=20", "trainer.val_check_interval=10",
                  "trainer.enable_progress_bar=false", "selection.mode=max"], tmp_path / "job"))
     result = json.loads((tmp_path / "job" / "result.json").read_text())
     assert Path(result["best_checkpoint"]).name == "best-step10.ckpt"

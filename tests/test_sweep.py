@@ -7,9 +7,10 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from .conftest import run_train
+from .conftest import RANDOM_TINY, run_train
 
-QUICK = ["experiment=demo", "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false"]
+QUICK = ["experiment=demo", RANDOM_TINY, "trainer.max_steps=6", "trainer.val_check_interval=3",
+         "trainer.enable_progress_bar=false"]
 
 
 def sweep_dir_from(stdout: str) -> Path:

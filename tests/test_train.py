@@ -12,9 +12,9 @@ from mlflow.tracking import MlflowClient
 from orpolab.errors import OrpolabError
 from orpolab.train import run
 
-from .conftest import compose, run_train
+from .conftest import RANDOM_TINY, compose, run_train
 
-FAST = ["experiment=demo", "trainer.enable_progress_bar=false"]
+FAST = ["experiment=demo", RANDOM_TINY, "trainer.enable_progress_bar=false"]
 
 
 def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -129,3 +129,22 @@ def test_qlora_loads_4bit_base_and_trains_only_the_adapter(tiny_models, tracking
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_supervised_warm_up_learns_the_task_and_saves_a_loadable_model(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orpolab.warmup import collate, is_warm, sft_examples, warm_up
+
+    src = tiny_models / "tiny_llama"
+    data = Path(__file__).resolve().parents[1] / "data" / "sample" / "sft.jsonl"
+    out = warm_up(src, tmp_path / "tiny_llama_sft", data, steps=40, lr=2e-3)
+    assert is_warm(out, src)
+    tok = AutoTokenizer.from_pretrained(out)
+    rows = [json.loads(line) for line in data.read_text().splitlines()[:32]]
+    batch = collate(tok.pad_token_id)(sft_examples(tok, rows))
+    with torch.no_grad():
+        before = AutoModelForCausalLM.from_pretrained(src)(**batch).loss.item()
+        after = AutoModelForCausalLM.from_pretrained(out)(**batch).loss.item()
+    assert after < 0.6 * before, (before, after)
+    assert (out / "tokenizer.model").is_file() and tok.chat_template

@@ -57,7 +57,9 @@ class SweepCallback(Callback):
         parent.finish()
         print(format_summary(summary, uri, sweep_dir), flush=True)
         if config.get("export") and config.export.enabled:
-            run_export(uri, name, sweep_dir)
+            exported = run_export(uri, name, sweep_dir)
+            if exported and config.get("evaluation") and config.evaluation.enabled:
+                run_evaluation(uri, sweep_dir, str(Path(config.paths.root_dir) / "report"))
 
 
 def run_export(tracking_uri: str, experiment: str, sweep_dir: str) -> bool:
@@ -116,3 +118,15 @@ def format_summary(summary: dict, tracking_uri: str, sweep_dir: str) -> str:
     lines.append(f"Sweep folder: {sweep_dir}")
     lines.append(f"MLflow UI:    mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
     return "\n".join(lines)
+
+
+def run_evaluation(tracking_uri: str, sweep_dir: str, report_dir: str) -> bool:
+    """Answers, judge, scores and report, in their own process like the export."""
+    print("\nEvaluating winner vs base on the CPU (answers, judge, report) ...", flush=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    proc = subprocess.run([sys.executable, "-m", "orpolab.evaluate", sweep_dir, "--report-dir", report_dir,
+                           "--tracking-uri", tracking_uri], env=env)
+    if proc.returncode != 0:
+        print(f"Evaluation failed (exit {proc.returncode}); it resumes where it stopped with: "
+              f"python -m orpolab.evaluate {sweep_dir}", flush=True)
+    return proc.returncode == 0

@@ -60,7 +60,7 @@ def load_prompts(cfg: DictConfig, job_cfg: DictConfig) -> list[dict]:
                 continue
             ref = row.get(cfg.reference_field) if cfg.reference_field else None
             rows.append({"prompt": prompt, "expected": ref if cfg.checker else None,
-                         "reference": f"The answer is {ref}." if cfg.checker == "arithmetic" else ref})
+                         "reference": f"The answer is {ref}." if cfg.checker == "sample_task" else ref})
     else:
         raise OrpolabError(f"eval_prompts.kind must be heldout, conversations or fields, got {kind!r}")
     rows = rows[:limit] if limit else rows
@@ -180,6 +180,12 @@ class Evaluation:
                 stats["accuracy"] = {"mean": sum(correct) / len(correct), "ci_low": lo, "ci_high": hi,
                                      "n": len(correct)}
             results["models"][m] = stats
+        checked = [p for p in prompts if p.get("expected") is not None]
+        if checked:
+            correct = {m: [float(is_correct(answers[m].get(p["id"], {}).get("answer", ""), int(p["expected"])))
+                           for p in checked] for m in MODELS}
+            results["accuracy_paired"] = paired_comparison(correct["winner"], correct["base"], boot.n_resamples,
+                                                           boot.seed)
         for metric_name in self.cfg.judge.metrics:
             verdicts = read_jsonl(self.out / f"verdicts-{metric_name}.jsonl")
             score = {(v["model"], v["id"]): (v["score"] if v["score"] >= 0 else None) for v in verdicts}

@@ -57,23 +57,23 @@ class ExportConfig:
         return cfg
 
 
-def held_out_texts(job_cfg: DictConfig, tokenizer, n: int) -> list[str]:
-    """Chat-formatted held-out conversations (prompt + chosen answer) for verification."""
+def held_out_texts(job_cfg: DictConfig, tokenizer, n: int) -> tuple[list[str], list[str]]:
+    """Chat-formatted held-out conversations (prompt + chosen answer) and their prompts, for verification."""
     data_cfg = DataConfig(**OmegaConf.to_container(job_cfg.data, resolve=True))
     rows = load_rows(data_cfg.eval_path or data_cfg.path, data_cfg.eval_split if data_cfg.eval_path else data_cfg.split)
-    texts = []
+    texts, prompts = [], []
     for row in rows:
         try:
             prompt, chosen, _ = normalize_row(row, data_cfg)
         except SkipRow:
             continue
-        text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": chosen}], tokenize=False)
-        texts.append(text)
+        texts.append(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": chosen}], tokenize=False))
+        prompts.append(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
         if len(texts) >= n:
             break
     if not texts:
         raise OrpolabError("no held-out text to verify the export on")
-    return texts
+    return texts, prompts
 
 
 def base_model_dir(model_cfg: ModelConfig) -> Path:
@@ -132,9 +132,10 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    texts = held_out_texts(job_cfg, tokenizer, export_cfg.verify.num_texts)
+    texts, prompt_texts = held_out_texts(job_cfg, tokenizer, export_cfg.verify.num_texts)
     hf_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="float32").eval()
-    checks = [verify_gguf(hf_model, tokenizer, path, texts, q, export_cfg.verify) for q, path in winner_files.items()]
+    checks = [verify_gguf(hf_model, tokenizer, path, texts, q, export_cfg.verify, prompt_texts=prompt_texts)
+              for q, path in winner_files.items()]
     passed = all(c["passed"] for c in checks)
     summary = {
         "sweep_dir": str(sweep), "parent_run_id": parent.info.run_id, "passed": passed,

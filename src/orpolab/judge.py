@@ -19,16 +19,23 @@ from tqdm.auto import tqdm
 from orpolab.errors import OrpolabError
 from orpolab.generate import open_gguf
 
+# Upper bound on the tokens of "<feedback>", "</feedback>\n<score>", the score and "</score>".
+TAG_TOKENS = 64
 DEFAULT_JUDGE = {"repo_id": "flowaicom/Flow-Judge-v0.1-GGUF", "filename": "flow-judge-v0.1-Q4_K_M.gguf"}
 
 
 def verdict_grammar(scores: list[int], max_feedback_chars: int = 600) -> str:
-    """GBNF for flow-judge's verdict format with the metric's scores and a bounded feedback."""
+    """GBNF for flow-judge's verdict format with the metric's scores and a bounded feedback.
+
+    Feedback characters are printable ASCII (and newlines) other than ``<``: one byte each, so
+    every token adds at least one character and ``max_feedback_chars`` + the tags always fit in
+    ``max_feedback_chars + TAG_TOKENS`` tokens: the verdict can never be cut off unfinished.
+    """
     score_rule = " | ".join(f'"{s}"' for s in sorted(scores))
     return (
         'root ::= "<feedback>" feedback "</feedback>\\n<score>" score "</score>"\n'
         f"feedback ::= char{{1,{max_feedback_chars}}}\n"
-        'char ::= [^<]\n'
+        'char ::= [ -;=-~] | "\\n"\n'
         f"score ::= {score_rule}\n"
     )
 
@@ -77,6 +84,8 @@ class LlamaCppFlowJudge(BaseFlowJudgeModel):
                  n_ctx: int = 4096, threads: int | None = None, name: str | None = None):
         from llama_cpp import LlamaGrammar
 
+        # Enough tokens for the longest verdict the grammar allows, so none is cut off.
+        max_tokens = max(max_tokens, max_feedback_chars + TAG_TOKENS)
         super().__init__(model_id=name or gguf.name, model_type="llama_cpp",
                          generation_params={"temperature": 0.0, "max_tokens": max_tokens})
         self.llm = open_gguf(gguf, n_ctx, threads or os.cpu_count())

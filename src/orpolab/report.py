@@ -148,8 +148,13 @@ def write_report(ev: Evaluation, report_dir: Path) -> Path:
                   f"| {p['wins']} / {p['ties']} / {p['losses']} | {e['parse_failures']} |")
     acc = {m: results["models"][m].get("accuracy") for m in ("base", "winner")}
     if all(acc.values()):
-        md += ["", "Exact-answer accuracy (checked by a program): " + ", ".join(
+        md += ["", "Exact-answer accuracy (checked by a program: the right value, stated once): " + ", ".join(
             f"{m} {a['mean']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]" for m, a in acc.items()) + "."]
+        p = results.get("accuracy_paired", {})
+        if "mean_diff" in p:
+            md.append(f"Paired on the same prompts, winner - base: {p['mean_diff']:+.3f} "
+                      f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] (95% bootstrap), winner right and base wrong on "
+                      f"{p['wins']} prompts, the reverse on {p['losses']}.")
         for name, e in results["metrics"].items():
             for m, a in e.get("agreement", {}).items():
                 if a.get("n"):

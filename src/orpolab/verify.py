@@ -51,11 +51,18 @@ def gguf_token_stats(llm, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def verify_gguf(hf_model, tokenizer, gguf_file: Path, texts: list[str], quant: str, cfg: VerifyConfig,
-                threads: int | None = None) -> dict:
-    """Compare one GGUF with the PyTorch model on ``texts``; returns figures and ``passed``."""
+                threads: int | None = None, prompt_texts: list[str] | None = None) -> dict:
+    """Compare one GGUF with the PyTorch model on ``texts``; returns figures and ``passed``.
+
+    With ``prompt_texts`` (each a prefix of its text), perplexity and agreement are measured on the
+    answer tokens only, the part the model was trained to predict; token ids are compared on
+    the whole text either way.
+    """
     from llama_cpp import Llama
 
     hf_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    starts = [max(0, len(tokenizer(p, add_special_tokens=False)["input_ids"]) - 1) for p in prompt_texts] \
+        if prompt_texts else [0] * len(texts)
     n_ctx = max(len(i) for i in hf_ids) + 8
     llm = Llama(model_path=str(gguf_file), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=threads,
                 n_batch=n_ctx)
@@ -66,9 +73,10 @@ def verify_gguf(hf_model, tokenizer, gguf_file: Path, texts: list[str], quant: s
             if cpp_ids != ids:
                 mismatched.append({"text": text[:200], "hf": ids[:40], "llama_cpp": cpp_ids[:40]})
         hf_lp, cpp_lp, agree, total = [], [], 0, 0
-        for ids in tqdm(hf_ids, desc=f"verify {gguf_file.name}", unit="text", disable=None):
-            lp_h, top_h = hf_token_stats(hf_model, ids)
-            lp_c, top_c = gguf_token_stats(llm, ids)
+        for ids, start in tqdm(list(zip(hf_ids, starts, strict=True)), desc=f"verify {gguf_file.name}", unit="text",
+                               disable=None):
+            lp_h, top_h = (a[start:] for a in hf_token_stats(hf_model, ids))
+            lp_c, top_c = (a[start:] for a in gguf_token_stats(llm, ids))
             hf_lp.append(lp_h)
             cpp_lp.append(lp_c)
             agree += int((top_h == top_c).sum())

@@ -72,7 +72,7 @@ def collate(pad_id: int):
     return fn
 
 
-def warm_up(src: Path, out: Path, data_file: Path, steps: int = 400, lr: float = 2e-3, batch_size: int = 16,
+def warm_up(src: Path, out: Path, data_file: Path, steps: int = 150, lr: float = 2e-3, batch_size: int = 16,
             seed: int = 0) -> Path:
     """Fine-tune ``src`` on ``data_file`` and save the result to ``out`` (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--models", default=".cache/tiny_models")
     parser.add_argument("--data", default="data/sample/sft.jsonl")
     parser.add_argument("--families", nargs="*", default=list(FAMILIES), choices=FAMILIES)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=150)
     args = parser.parse_args()
     for family in args.families:
         src, out = Path(args.models) / f"tiny_{family}", Path(args.models) / f"tiny_{family}_sft"
