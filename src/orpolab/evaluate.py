@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -141,7 +142,13 @@ class Evaluation:
             try:
                 from tqdm.auto import tqdm
 
-                for pid, model in tqdm(todo, desc=f"judging {metric_name}", unit="verdict", disable=None):
+                started = time.time()
+                for i, (pid, model) in enumerate(tqdm(todo, desc=f"judging {metric_name}", unit="verdict",
+                                                      disable=None)):
+                    if i == 2 and len(todo) > 3:  # an estimate once the judge's speed is known
+                        per = (time.time() - started) / 2
+                        tqdm.write(f"judging: about {per * (len(todo) - 2) / 60:.1f} min left for "
+                                   f"{len(todo) - 2} verdicts ({per:.1f} s each)")
                     inputs = {"query": prompts[pid]["prompt"]}
                     if "reference_answer" in metric.required_inputs:
                         inputs["reference_answer"] = str(prompts[pid].get("reference") or "")
