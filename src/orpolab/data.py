@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from orpolab.errors import OrpolabError
+from orpolab.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,8 @@ def prepare(cfg: DataConfig, tokenizer) -> PreparedData:
         "train_skipped": dict(skipped_train), "eval_skipped": dict(skipped_eval),
         "train_truncated": sum(r["truncated"] for r in train), "eval_truncated": sum(r["truncated"] for r in evals),
     }
-    _atomic_write_json(cache / "data.json", {"train": train, "eval": evals, "stats": stats, "key": key_fields})
+    write_json_atomic(cache / "data.json", {"train": train, "eval": evals, "stats": stats, "key": key_fields},
+                      indent=None)
     return PreparedData(train, evals, stats, data_hash)
 
 
@@ -352,20 +353,6 @@ def split_rows(rows: list[dict], eval_size: float, seed: int) -> tuple[list[dict
     eval_idx = set(order[:n_eval])
     return [r for i, r in enumerate(rows) if i not in eval_idx], [rows[i] for i in sorted(eval_idx)]
 
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# ---------------------------------------------------------------- batching
 
 
 class PairCollator:

@@ -20,8 +20,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from orpolab import tracking
 from orpolab.data import DataConfig, SkipRow, load_rows, normalize_row, split_rows
 from orpolab.errors import OrpolabError
+from orpolab.files import write_json_atomic
 from orpolab.generate import GenerationConfig, answer_prompts, append_jsonl, read_jsonl
 from orpolab.sample_task import is_correct
 from orpolab.stats import bootstrap_mean_ci, judge_agreement, paired_comparison
@@ -211,9 +213,7 @@ class Evaluation:
                                                                            [c for _, c in checkable],
                                                                            self.cfg.judge.good_threshold)
             results["metrics"][metric_name] = entry
-        tmp = self.out / ".results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, self.out / "results.json")
+        write_json_atomic(self.out / "results.json", results)
         return results
 
     def report(self, report_dir: Path) -> Path:
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None)
     args = parser.parse_args(argv)
     root = Path(os.environ.get("ORPOLAB_ROOT", Path.cwd()))
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    uri = args.tracking_uri or tracking.default_uri()
     try:
         ev = Evaluation(args.sweep_dir, uri)
         for stage in args.stage or STAGES:

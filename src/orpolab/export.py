@@ -12,7 +12,6 @@ Everything lands in ``<sweep>/export/`` and on the sweep's MLflow parent run.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from orpolab import llamacpp, tracking
 from orpolab.data import DataConfig, SkipRow, load_rows, normalize_row
 from orpolab.errors import OrpolabError
+from orpolab.files import write_json_atomic
 from orpolab.merge import check_disk, merge, parameter_count
 from orpolab.model import LoraSettings, ModelConfig
 from orpolab.select import select_winner, sweep_parent
@@ -153,7 +153,7 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
             if not check["passed"]:
                 bad = Path(check["gguf"])
                 os.replace(bad, bad.with_suffix(".failed-verification.gguf"))
-    _write_json(out / "export.json", summary)
+    write_json_atomic(out / "export.json", summary)
     _log_to_mlflow(tracking_uri, parent.info.run_id, summary, export_cfg)
     print(format_verification(checks), flush=True)
     if not passed:
@@ -189,12 +189,6 @@ def _sweep_export_node(sweep: Path):
     return None
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
 
 def _log_to_mlflow(tracking_uri: str, parent_run_id: str, summary: dict, cfg: ExportConfig) -> None:
     run = tracking.JobRun(tracking_uri, parent_run_id)
@@ -224,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="orpolab")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    root = Path(os.environ.get("ORPOLAB_ROOT", Path.cwd()))
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    uri = args.tracking_uri or tracking.default_uri()
     try:
         node = _sweep_export_node(Path(args.sweep_dir)) if args.sweep_dir else None
         cfg = ExportConfig.from_node(node)

@@ -8,14 +8,13 @@ does not fit stops with a sentence instead of being killed by the operating syst
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from orpolab.errors import OrpolabError
+from orpolab.files import atomic_dir
 from orpolab.llamacpp import write_added_tokens_decoder
 from orpolab.model import DTYPES, LoraSettings, ModelConfig, apply_lora, load_tokenizer
 
@@ -137,11 +136,10 @@ def merge(model_cfg: ModelConfig, lora_cfg: LoraSettings, ckpt_path: str | Path,
     check_disk(out_dir.parent, n_params * torch.finfo(dtype).bits // 8, "the merged model")
     tokenizer = load_tokenizer(model_cfg)
     model = build_adapted(model_cfg, lora_cfg, ckpt_path, dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        if adapter_dir is not None:
-            _save_adapter(model, adapter_dir)
+    if adapter_dir is not None:
+        with atomic_dir(adapter_dir) as tmp:
+            model.save_pretrained(str(tmp))  # the adapter alone, in peft's format
+    with atomic_dir(out_dir) as tmp:
         merged = model.merge_and_unload()
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -149,18 +147,5 @@ def merge(model_cfg: ModelConfig, lora_cfg: LoraSettings, ckpt_path: str | Path,
         sp_model = tokenizer_model_file(model_cfg.name_or_path)
         if sp_model is not None:
             shutil.copy(sp_model, tmp / "tokenizer.model")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
-
-def _save_adapter(model, adapter_dir: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
-    model.save_pretrained(str(tmp))
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    os.replace(tmp, adapter_dir)

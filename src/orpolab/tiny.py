@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from orpolab.files import atomic_dir
 
 FAMILIES = ("llama", "phi", "mistral")
 # Bump when what build() writes changes, so existing folders are rebuilt.
@@ -192,9 +191,7 @@ def build(family: str, out: str | Path, data_dir: str | Path, seed: int = 0, sha
 
     out, data_dir = Path(out), Path(data_dir)
     shape = shape or TinyShape()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         tok = build_tokenizer(family, tmp, data_dir, shape.vocab_size_target)
         config = model_config(family, tok, shape)
         torch.manual_seed(seed)
@@ -204,12 +201,6 @@ def build(family: str, out: str | Path, data_dir: str | Path, seed: int = 0, sha
         )
         model.save_pretrained(str(tmp))
         (tmp / ".orpolab-tiny-version").write_text(TINY_VERSION)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

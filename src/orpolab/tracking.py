@@ -9,6 +9,7 @@ refuses the old ``./mlruns`` file store.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import subprocess
 import time
@@ -183,3 +184,9 @@ def artifact_location(tracking_uri: str) -> str | None:
         db = Path(tracking_uri[len("sqlite:///"):])
         return (db.parent / "mlartifacts").resolve().as_uri()
     return None  # a tracking server decides where its artifacts live
+
+
+def default_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else the project's SQLite database (as ``conf/logger/mlflow.yaml``)."""
+    root = Path(os.environ.get("ORPOLAB_ROOT", Path.cwd()))
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"

@@ -5,9 +5,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from orpolab import tracking
 from orpolab.data import DataConfig, PreferenceDataModule, prepare
 from orpolab.errors import OrpolabError
+from orpolab.files import write_json_atomic
 from orpolab.model import LoraSettings, ModelConfig, apply_lora, load_model, load_tokenizer
 from orpolab.module import OptimConfig, ORPOModule
 
@@ -176,12 +175,6 @@ def resolve_resume(resume_from: str | None, checkpoint_dir: Path) -> str | None:
         raise OrpolabError(f"cannot resume: checkpoint {path} does not exist")
     return str(path)
 
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def main(cfg: DictConfig) -> float | None:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from orpolab.data import render
+from orpolab.files import atomic_dir
 from orpolab.tiny import FAMILIES, is_current
 
 WARMUP_VERSION = "1"
@@ -86,20 +85,13 @@ def warm_up(src: Path, out: Path, data_file: Path, steps: int = 150, lr: float =
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, log_every_n_steps=10, gradient_clip_val=1.0)
     trainer.fit(CausalLMTuner(model, lr, steps), loader)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         for f in src.iterdir():  # tokenizer files (tokenizer.model included), configs
             if f.is_file() and not f.name.startswith("model"):
                 shutil.copy(f, tmp / f.name)
         model.save_pretrained(tmp)
         (tmp / ".orpolab-warmup").write_text(json.dumps({"version": WARMUP_VERSION, "steps": steps, "lr": lr,
                                                          "data": str(data_file), "source": str(src)}))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
