@@ -99,3 +99,62 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-row mean of ``values`` over ``mask`` (rows with an empty mask give 0, not NaN)."""
     mask = mask.to(values.dtype)
     return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def _preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
+                        rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's reward metrics, shared by the DPO-style losses."""
+    c, r = chosen_rewards.detach().float(), rejected_rewards.detach().float()
+    return {
+        "rewards/chosen": c.mean(), "rewards/rejected": r.mean(),
+        "rewards/accuracies": (c > r).float().mean(), "rewards/margins": (c - r).mean(),
+        "logps/chosen": chosen_logps.detach().float().mean(), "logps/rejected": rejected_logps.detach().float().mean(),
+    }
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO's sigmoid loss (TRL's ``loss_type="sigmoid"``), with optional label smoothing (cDPO).
+
+    ``*_logps`` are per-example **summed** log-probabilities of the completion tokens, as DPO
+    defines them; ``ref_*`` come from the reference model (the base, adapter disabled).
+    """
+    if beta <= 0:
+        raise ValueError(f"dpo beta must be positive, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen_ratio = chosen_logps.float() - ref_chosen_logps.float()
+    rejected_ratio = rejected_logps.float() - ref_rejected_logps.float()
+    logits = beta * (chosen_ratio - rejected_ratio)
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    metrics = _preference_metrics(beta * chosen_ratio, beta * rejected_ratio, chosen_logps, rejected_logps)
+    return losses.mean(), metrics
+
+
+def simpo_loss(
+    chosen_avg_logps: torch.Tensor,
+    rejected_avg_logps: torch.Tensor,
+    beta: float,
+    gamma: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SimPO: ``-logsigmoid(beta * (mean logp chosen - mean logp rejected) - gamma)``, no reference.
+
+    The rewards are length-normalised (mean log-probability per completion token) and ``gamma`` is
+    the target reward margin.
+    """
+    if beta <= 0:
+        raise ValueError(f"simpo beta must be positive, got {beta}")
+    c, r = chosen_avg_logps.float(), rejected_avg_logps.float()
+    losses = -F.logsigmoid(beta * (c - r) - gamma)
+    return losses.mean(), _preference_metrics(beta * c, beta * r, c, r)
+
+
+def sft_loss(chosen_nll: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Supervised fine-tuning on the chosen completions only: the baseline ORPO claims to replace."""
+    return chosen_nll.float(), {"nll_loss": chosen_nll.detach().float()}
