@@ -51,6 +51,8 @@ def test_hook_exports_the_winner_with_verified_ggufs(sweep):
         assert check["ppl_ratio"] <= check["max_ppl_ratio"] and check["top1_agreement"] >= check["min_top1_agreement"]
         # A trained model, not near-uniform logits: perplexity far below the vocabulary size.
         assert check["ppl_pytorch"] < 0.1 * len(AutoTokenizer.from_pretrained(out / "merged"))
+    # Named after the winner, so front ends show what they serve.
+    assert "orpolab winner" in llamacpp.gguf_metadata(out / "gguf" / "winner-Q4_K_M.gguf")["general.name"]
     # K-quants really applied to the 256-wide tensors.
     types = llamacpp.tensor_types(out / "gguf" / "winner-Q4_K_M.gguf", CACHE)
     assert types["blk.0.attn_q.weight"] == "Q4_K"

@@ -15,7 +15,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,6 @@ class DataConfig:
     eval_batch_size: int = 16
     cache_dir: str = ".cache/tokenized"
     num_workers: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class SkipRow(Exception):

@@ -87,9 +87,9 @@ def base_model_dir(model_cfg: ModelConfig) -> Path:
                                   allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]))
 
 
-def gguf_set(src: Path, stem: str, out_dir: Path, quants: list[str], cache_dir: str) -> dict[str, Path]:
+def gguf_set(src: Path, stem: str, out_dir: Path, quants: list[str], cache_dir: str, name: str) -> dict[str, Path]:
     """f16 GGUF via llama.cpp's converter, then each quantization of it."""
-    files = {"F16": llamacpp.convert(src, out_dir / f"{stem}-f16.gguf", cache_dir, "f16")}
+    files = {"F16": llamacpp.convert(src, out_dir / f"{stem}-f16.gguf", cache_dir, "f16", name=name)}
     for q in quants:
         print(f"quantizing {stem} to {q} ...", flush=True)
         files[q.upper()] = llamacpp.quantize(files["F16"], out_dir / f"{stem}-{q.upper()}.gguf", q)
@@ -124,10 +124,13 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
     merged_dir = merge(model_cfg, lora_cfg, winner.best_checkpoint, out / "merged", adapter_dir=out / "adapter",
                        headroom=export_cfg.memory_headroom)
     print("converting to GGUF ...", flush=True)
-    winner_files = gguf_set(merged_dir, "winner", gguf_dir, export_cfg.quant_types, cache_dir)
+    model_name = Path(model_cfg.name_or_path).name
+    winner_files = gguf_set(merged_dir, "winner", gguf_dir, export_cfg.quant_types, cache_dir,
+                            f"{model_name} orpolab winner (job {winner.job_num})")
     base_files = {}
     if export_cfg.include_base:
-        base_files = gguf_set(base_model_dir(model_cfg), "base", gguf_dir, export_cfg.quant_types, cache_dir)
+        base_files = gguf_set(base_model_dir(model_cfg), "base", gguf_dir, export_cfg.quant_types, cache_dir,
+                              f"{model_name} base")
 
     from transformers import AutoTokenizer
 

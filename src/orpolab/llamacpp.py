@@ -65,15 +65,20 @@ def converter_dir(cache_dir: str | Path) -> Path:
     return target
 
 
-def convert(model_dir: Path, out_file: Path, cache_dir: str | Path, outtype: str = "f16") -> Path:
-    """HF folder -> GGUF with llama.cpp's converter, written to a temporary name, then renamed."""
+def convert(model_dir: Path, out_file: Path, cache_dir: str | Path, outtype: str = "f16",
+            name: str | None = None) -> Path:
+    """HF folder -> GGUF with llama.cpp's converter, written to a temporary name, then renamed.
+
+    ``name`` becomes the GGUF's ``general.name`` (front ends show it); the converter's default is
+    the folder's name.
+    """
     script = converter_dir(cache_dir) / "convert_hf_to_gguf.py"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.partial")
     env = dict(os.environ)
     env.pop("NO_LOCAL_GGUF", None)  # the script then puts its own gguf-py first on sys.path
-    proc = subprocess.run([sys.executable, str(script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype],
-                          capture_output=True, text=True, env=env)
+    args = [sys.executable, str(script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
+    proc = subprocess.run(args + (["--model-name", name] if name else []), capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not tmp.exists():
         tmp.unlink(missing_ok=True)
         raise OrpolabError(f"llama.cpp's converter failed on {model_dir}:\n{proc.stderr.strip()[-2000:]}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +31,6 @@ class ModelConfig:
     attn_implementation: str | None = "sdpa"
     revision: str | None = None
     trust_remote_code: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
