@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,25 +55,26 @@ class SweepCallback(Callback):
         parent.log_metrics({"sweep/jobs_finished": summary["finished"], "sweep/jobs_failed": summary["failed"]})
         parent.finish()
         print(format_summary(summary, uri, sweep_dir), flush=True)
-        if config.get("export") and config.export.enabled:
-            exported = run_export(uri, name, sweep_dir)
-            if exported and config.get("evaluation") and config.evaluation.enabled:
-                run_evaluation(uri, sweep_dir, str(Path(config.paths.root_dir) / "report"))
+        if not (config.get("export") and config.export.enabled):
+            return
+        if not summary["finished"]:
+            print("No job finished: nothing to export.", flush=True)
+            return
+        exported = run_stage("Export", "Exporting the winner (merge, GGUF, quantize, verify)", "orpolab.export",
+                             [sweep_dir, "--tracking-uri", uri, "--experiment", name],
+                             f"rerun it with: python -m orpolab.export {sweep_dir}")
+        if exported and config.get("evaluation") and config.evaluation.enabled:
+            run_stage("Evaluation", "Evaluating winner vs base on the CPU (answers, judge, report)", "orpolab.evaluate",
+                      [sweep_dir, "--tracking-uri", uri, "--report-dir", str(Path(config.paths.root_dir) / "report")],
+                      f"it resumes where it stopped with: python -m orpolab.evaluate {sweep_dir}")
 
 
-def run_export(tracking_uri: str, experiment: str, sweep_dir: str) -> bool:
-    """The export in its own process: the training jobs' memory is freed, a crash stays contained."""
-    if not any(j["status"] == "FINISHED" for j in (summarize_sweep(tracking_uri, experiment, sweep_dir) or {}).get(
-            "jobs", [])):
-        print("No job finished: nothing to export.", flush=True)
-        return False
-    print("\nExporting the winner (merge, GGUF, quantize, verify) ...", flush=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    proc = subprocess.run([sys.executable, "-m", "orpolab.export", sweep_dir, "--tracking-uri", tracking_uri,
-                           "--experiment", experiment], env=env)
+def run_stage(name: str, title: str, module: str, args: list[str], retry_hint: str) -> bool:
+    """A post-sweep stage in its own process: the jobs' memory is freed and a crash stays contained."""
+    print(f"\n{title} ...", flush=True)
+    proc = subprocess.run([sys.executable, "-m", module, *args])
     if proc.returncode != 0:
-        print(f"Export failed (exit {proc.returncode}); rerun it with: python -m orpolab.export {sweep_dir}",
-              flush=True)
+        print(f"{name} failed (exit {proc.returncode}); {retry_hint}", flush=True)
     return proc.returncode == 0
 
 
@@ -119,14 +119,3 @@ def format_summary(summary: dict, tracking_uri: str, sweep_dir: str) -> str:
     lines.append(f"MLflow UI:    mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
     return "\n".join(lines)
 
-
-def run_evaluation(tracking_uri: str, sweep_dir: str, report_dir: str) -> bool:
-    """Answers, judge, scores and report, in their own process like the export."""
-    print("\nEvaluating winner vs base on the CPU (answers, judge, report) ...", flush=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    proc = subprocess.run([sys.executable, "-m", "orpolab.evaluate", sweep_dir, "--report-dir", report_dir,
-                           "--tracking-uri", tracking_uri], env=env)
-    if proc.returncode != 0:
-        print(f"Evaluation failed (exit {proc.returncode}); it resumes where it stopped with: "
-              f"python -m orpolab.evaluate {sweep_dir}", flush=True)
-    return proc.returncode == 0

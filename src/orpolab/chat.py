@@ -14,19 +14,7 @@ import sys
 from pathlib import Path
 
 from orpolab.errors import OrpolabError
-
-
-def open_model(path: str, n_ctx: int, threads: int | None):
-    """Load the GGUF, or explain why it cannot be loaded."""
-    from llama_cpp import Llama
-
-    file = Path(path)
-    if not file.is_file():
-        raise OrpolabError(f"{file} does not exist")
-    with open(file, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise OrpolabError(f"{file} is not a GGUF file")
-    return Llama(model_path=str(file), n_ctx=n_ctx, n_threads=threads, verbose=False)
+from orpolab.llamacpp import open_gguf
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)))
     args = parser.parse_args(argv)
     try:
-        llm = open_model(args.gguf, args.ctx, args.threads)
+        llm = open_gguf(Path(args.gguf), args.ctx, args.threads)
     except OrpolabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -101,15 +101,21 @@ class Evaluation:
     def prompts(self) -> list[dict]:
         return load_prompts(self.prompts_cfg, self.job_cfg)
 
-    def judge_file(self) -> tuple[Path, str, bool]:
+    def judge_name(self) -> str:
+        """How the report names the judge; from the config, without loading or downloading it."""
         j = self.cfg.judge
         if j.stand_in:
-            f = self.gguf("base")
-            return f, f"STAND-IN judge: {f.name} (a tiny local model, not Flow Judge; its scores mean nothing)", True
+            return (f"STAND-IN judge: {self.gguf('base').name} (a tiny local model, not Flow Judge; "
+                    "its scores mean nothing)")
+        return f"Flow Judge ({Path(j.path).name if j.path else f'{j.repo_id}/{j.filename}'})"
+
+    def judge_file(self) -> Path:
+        j = self.cfg.judge
+        if j.stand_in:
+            return self.gguf("base")
         from orpolab.judge import resolve_judge_file
 
-        f = resolve_judge_file(j.path, j.repo_id, j.filename)
-        return f, f"Flow Judge ({f.name})", False
+        return resolve_judge_file(j.path, j.repo_id, j.filename)
 
     # ---------------------------------------------------------------- stages
 
@@ -128,7 +134,7 @@ class Evaluation:
         answers = {m: {a["id"]: a for a in read_jsonl(self.out / f"answers-{m}.jsonl")} for m in MODELS}
         if not all(answers.values()):
             raise OrpolabError("no answers to judge yet; run the generate stage first")
-        judge_file, judge_name, _ = self.judge_file()
+        judge_file, judge_name = self.judge_file(), self.judge_name()
         j = self.cfg.judge
         for metric_name in j.metrics:
             metric = metric_by_name(metric_name)
@@ -168,7 +174,7 @@ class Evaluation:
         boot = self.cfg.bootstrap
         prompts = self.prompts()
         answers = {m: {a["id"]: a for a in read_jsonl(self.out / f"answers-{m}.jsonl")} for m in MODELS}
-        results: dict = {"prompts": len(prompts), "judge": self.judge_file()[1],
+        results: dict = {"prompts": len(prompts), "judge": self.judge_name(),
                          "stand_in": bool(self.cfg.judge.stand_in),
                          "generation": OmegaConf.to_container(self.cfg.generation, resolve=True),
                          "quant": str(self.cfg.quant).upper(), "models": {}, "metrics": {}}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from orpolab.errors import OrpolabError
+from orpolab.llamacpp import open_gguf
 
 
 @dataclass
@@ -52,17 +52,6 @@ def append_jsonl(path: Path, row: dict) -> None:
         fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def open_gguf(path: Path, n_ctx: int, threads: int | None, **kwargs):
-    from llama_cpp import Llama
-
-    if not path.is_file():
-        raise OrpolabError(f"GGUF file {path} does not exist")
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise OrpolabError(f"{path} is not a GGUF file")
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(), verbose=False, **kwargs)
 
 
 def answer_prompts(gguf: Path, prompts: list[dict], out_file: Path, cfg: GenerationConfig, label: str) -> list[dict]:

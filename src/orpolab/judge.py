@@ -17,7 +17,7 @@ from flow_judge.models.common import BaseFlowJudgeModel
 from tqdm.auto import tqdm
 
 from orpolab.errors import OrpolabError
-from orpolab.generate import open_gguf
+from orpolab.llamacpp import check_gguf, open_gguf
 
 # Upper bound on the tokens of "<feedback>", "</feedback>\n<score>", the score and "</score>".
 TAG_TOKENS = 64
@@ -53,13 +53,7 @@ def metric_by_name(name: str):
 def resolve_judge_file(path: str | None, repo_id: str | None, filename: str | None) -> Path:
     """A local judge GGUF, or one downloaded from the hub (for users with network)."""
     if path:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise OrpolabError(f"judge model file {file} does not exist (evaluation.judge.path)")
-        with open(file, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise OrpolabError(f"judge model file {file} is not a GGUF file")
-        return file
+        return check_gguf(Path(path), "judge model file (evaluation.judge.path)")
     if not (repo_id and filename):
         raise OrpolabError("set evaluation.judge.path, or evaluation.judge.repo_id and evaluation.judge.filename")
     from huggingface_hub import hf_hub_download

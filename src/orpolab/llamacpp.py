@@ -132,6 +132,25 @@ def gguf_metadata(gguf_file: Path) -> dict[str, str]:
         llm.close()
 
 
+def check_gguf(path: Path, what: str = "GGUF file") -> Path:
+    """``path`` if it is an existing GGUF file (by its magic bytes), else a clear error."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise OrpolabError(f"{what} {path} does not exist")
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise OrpolabError(f"{what} {path} is not a GGUF file")
+    return path
+
+
+def open_gguf(path: Path, n_ctx: int, threads: int | None = None, what: str = "GGUF file", **kwargs):
+    """Load a GGUF with llama-cpp-python (all cores unless told), after checking it is one."""
+    from llama_cpp import Llama
+
+    path = check_gguf(path, what)
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(), verbose=False, **kwargs)
+
+
 def write_added_tokens_decoder(folder: Path, tokenizer) -> None:
     """Record the tokenizer's added tokens in ``tokenizer_config.json`` as transformers 4 did.
 
