@@ -61,6 +61,8 @@ def test_hook_exports_the_winner_with_verified_ggufs(sweep):
     assert parent.data.tags["orpolab.export_passed"] == "True"
     assert parent.data.tags["orpolab.winner_run_id"] == summary["winner"]["run_id"]
     assert parent.data.metrics["export/Q4_K_M/token_id_mismatches"] == 0
+    # The winner's value is logged under the metric the jobs were ranked by.
+    assert parent.data.metrics["winner/val/chosen_bpb"] == pytest.approx(summary["winner"]["value"])
     artifacts = {a.path for a in MlflowClient(sweep["uri"]).list_artifacts(parent.info.run_id, "export")}
     assert "export/export.json" in artifacts and "export/gguf" in artifacts
     ranking = MlflowClient(sweep["uri"]).download_artifacts(parent.info.run_id, "selection/ranking.json")

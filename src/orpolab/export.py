@@ -104,8 +104,7 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
     parent = sweep_parent(tracking_uri, experiment, sweep_dir, parent_run_id)
     sweep = Path(parent.data.tags[tracking.SWEEP_TAG])
     export_cfg = export_cfg or ExportConfig.from_node(_sweep_export_node(sweep))
-    winner = select_winner(tracking_uri, parent, parent.data.tags.get("orpolab.selection_metric", "selection"),
-                           _mode_of(tracking_uri, parent))
+    winner = select_winner(tracking_uri, parent)
     job_cfg = OmegaConf.load(Path(winner.output_dir) / ".hydra" / "config.yaml")
     model_cfg = ModelConfig(**OmegaConf.to_container(job_cfg.model, resolve=True))
     lora_cfg = LoraSettings(**OmegaConf.to_container(job_cfg.lora, resolve=True))
@@ -174,13 +173,6 @@ def format_verification(checks: list[dict]) -> str:
             f"  top-1 {c['top1_agreement']:.3f} (min {c['min_top1_agreement']})  {'ok' if c['passed'] else 'FAILED'}"
         )
     return "\n".join(lines)
-
-
-def _mode_of(tracking_uri: str, parent) -> str:
-    c = tracking.client(tracking_uri)
-    runs = c.search_runs([parent.info.experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = "
-                         f"'{parent.info.run_id}'", max_results=1)
-    return runs[0].data.tags.get("orpolab.selection_mode", "min") if runs else "min"
 
 
 def _sweep_export_node(sweep: Path):

@@ -27,6 +27,8 @@ class Candidate:
     output_dir: str | None
     overrides: str
     start_time: int
+    metric: str = ""  # the job's selection metric and mode, from its tags
+    mode: str = "min"
 
 
 def sweep_parent(tracking_uri: str, experiment: str, sweep_dir: str | None = None, parent_run_id: str | None = None):
@@ -61,7 +63,8 @@ def candidates(tracking_uri: str, parent) -> list[Candidate]:
             run_id=run.info.run_id, job_num=int(run.data.tags.get("orpolab.job_num", "0")),
             status=run.info.status, value=value, best_checkpoint=run.data.tags.get("orpolab.best_checkpoint"),
             output_dir=run.data.tags.get("orpolab.output_dir"), overrides=run.data.tags.get("orpolab.overrides", ""),
-            start_time=run.info.start_time or 0,
+            start_time=run.info.start_time or 0, metric=metric,
+            mode=run.data.tags.get("orpolab.selection_mode", "min"),
         ))
     return out
 
@@ -76,9 +79,16 @@ def rank(cands: list[Candidate], mode: str) -> list[Candidate]:
     return sorted(usable, key=lambda c: (float(f"{sign * c.value:.12g}"), c.job_num, c.start_time))
 
 
-def select_winner(tracking_uri: str, parent, metric: str, mode: str, log_to_parent: bool = True) -> Candidate:
-    """The winner, with the full ranking logged on the parent run; errors if every job failed."""
+def select_winner(tracking_uri: str, parent, metric: str | None = None, mode: str | None = None,
+                  log_to_parent: bool = True) -> Candidate:
+    """The winner, with the full ranking logged on the parent run; errors if every job failed.
+
+    ``metric`` and ``mode`` default to the ones the sweep's jobs were trained with (their tags):
+    the best checkpoints were kept by that metric.
+    """
     cands = candidates(tracking_uri, parent)
+    metric = metric or next((c.metric for c in cands if c.metric), "")
+    mode = mode or next((c.mode for c in cands if c.metric), "min")
     ranking = rank(cands, mode)
     if not ranking:
         failed = sum(c.status == "FAILED" for c in cands)
