@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 # multimodal part is not needed. GPU users may add -DGGML_CUDA=on.
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: setup tiny-models warm-up demo test lint mlflow-ui clean
+.PHONY: setup tiny-models warm-up demo demo-methods test lint mlflow-ui clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ warm-up: tiny-models
 
 demo: warm-up
 	$(BIN)/python train.py -m experiment=demo model=tiny_llama,tiny_phi orpo.beta=0.05,0.1
+
+# ORPO, DPO, SimPO and SFT on the same warmed-up tiny model; the report compares all four with the base.
+demo-methods: warm-up
+	$(BIN)/python train.py -m experiment=demo method=orpo,dpo,simpo,sft
 
 test: tiny-models
 	$(BIN)/python -m pytest -q

@@ -87,6 +87,20 @@ def sweep(warm_llama, tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     proc = run_train(["-m", "experiment=demo", "trainer.max_steps=60", "trainer.val_check_interval=30",
                       "trainer.enable_progress_bar=false", "orpo.beta=0.05,0.1", f"hydra.sweep.dir={tmp / 'sweep'}",
+                      f"paths.report_dir={tmp / 'report'}",
                       *EVAL_SMALL], env_extra={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout}
+
+
+@pytest.fixture(scope="session")
+def method_sweep(warm_llama, tmp_path_factory):
+    """ORPO, DPO, SimPO and SFT in one sweep from the warmed-up tiny_llama, exported and evaluated by its hook."""
+    tmp = tmp_path_factory.mktemp("methods")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    proc = run_train(["-m", "experiment=demo", "method=orpo,dpo,simpo,sft", "trainer.max_steps=40",
+                      "trainer.val_check_interval=20", "trainer.enable_progress_bar=false",
+                      f"hydra.sweep.dir={tmp / 'sweep'}", f"paths.report_dir={tmp / 'report'}", *EVAL_SMALL],
+                     env_extra={"MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout, "report": tmp / "report" / "report.md"}

@@ -83,7 +83,7 @@ def test_stages_alone_resume_and_report(sweep, tmp_path):
     for model in ("base", "winner"):
         acc = results["models"][model]["accuracy"]
         assert acc["n"] == 6 and acc["ci_low"] <= acc["mean"] <= acc["ci_high"]
-    paired = results["metrics"]["RESPONSE_CORRECTNESS_5POINT"]["paired"]
+    paired = results["metrics"]["RESPONSE_CORRECTNESS_5POINT"]["paired"]["winner"]
     assert paired["wins"] + paired["ties"] + paired["losses"] == 6
 
     report_dir = tmp_path / "report"

@@ -182,18 +182,20 @@ def test_rank_ignores_failed_runs_and_breaks_ties_by_job_number():
     assert [c.job_num for c in rank([cand(2, 1.0), cand(1, 1.0 + 1e-15)], "min")] == [1, 2]
 
 
-def _fake_sweep(uri: str, tmp_path: Path, jobs: list[tuple[int, str, float | None]]) -> str:
+def _fake_sweep(uri: str, tmp_path: Path, jobs: list[tuple]) -> str:
+    """Fake child runs ``(job, status, value[, method])`` under a sweep's parent run."""
     from orpolab import tracking
 
     sweep_dir = str(tmp_path / "sweep")
     parent = tracking.ensure_sweep_run(uri, "orpolab", sweep_dir)
     exp = tracking.experiment_id(uri, "orpolab")
     c = MlflowClient(uri)
-    for num, status, value in jobs:
+    for num, status, value, *method in jobs:
         ckpt = tmp_path / f"job{num}.ckpt"
         ckpt.write_bytes(b"x")
         tags = {"mlflow.parentRunId": parent, "orpolab.job_num": str(num), "orpolab.output_dir": str(tmp_path),
-                "orpolab.selection_metric": "val/chosen_bpb", "orpolab.best_checkpoint": str(ckpt)}
+                "orpolab.selection_metric": "val/chosen_bpb", "orpolab.best_checkpoint": str(ckpt),
+                "orpolab.method": method[0] if method else "orpo"}
         run = c.create_run(exp, tags=tags)
         if value is not None:
             c.log_metric(run.info.run_id, "best/val/chosen_bpb", value)
@@ -213,6 +215,23 @@ def test_select_winner_logs_ranking_on_the_parent_run(tracking_uri, tmp_path):
     table = json.loads(Path(path).read_text())
     assert [r["job_num"] for r in table["ranking"]] == [1, 2, 0]
     assert [r["job_num"] for r in table["ignored"]] == [3]
+
+
+def test_a_mixed_method_sweep_has_one_winner_per_method(tracking_uri, tmp_path):
+    from orpolab.select import select_winners
+
+    sweep_dir = _fake_sweep(tracking_uri, tmp_path, [
+        (0, "FINISHED", 2.0, "orpo"), (1, "FINISHED", 1.5, "dpo"), (2, "FINISHED", 0.9, "sft"),
+        (3, "FINISHED", 1.8, "orpo"), (4, "FINISHED", 1.7, "dpo"), (5, "FAILED", None, "simpo")])
+    parent = sweep_parent(tracking_uri, "orpolab", sweep_dir)
+    winners = select_winners(tracking_uri, parent)
+    # SFT has the best value overall, but each method keeps its own best job; SimPO had none finish.
+    assert {label: w.job_num for label, w in winners.items()} == {"orpo": 3, "dpo": 1, "sft": 2}
+    parent = MlflowClient(tracking_uri).get_run(parent.info.run_id)
+    assert parent.data.tags["orpolab.winner.dpo_job"] == "1"
+    assert parent.data.metrics["winner/orpo/val/chosen_bpb"] == pytest.approx(1.8)
+    path = MlflowClient(tracking_uri).download_artifacts(parent.info.run_id, "selection/ranking.json")
+    assert json.loads(Path(path).read_text())["per_method"] == {"orpo": [3, 0], "dpo": [1, 4], "sft": [2], "simpo": []}
 
 
 def test_a_sweep_where_every_job_failed_exports_nothing(tracking_uri, tmp_path):

@@ -12,9 +12,11 @@ from typing import Any
 from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict, read_write
 
-from orpolab import tracking
+from orpolab import sweep_id, tracking
+
+sweep_id.register()
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class SweepCallback(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        pin_sweep_dir(config)
         tracking.experiment_id(config.logger.mlflow.tracking_uri, config.logger.mlflow.experiment_name)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
@@ -65,8 +68,23 @@ class SweepCallback(Callback):
                              f"rerun it with: python -m orpolab.export {sweep_dir}")
         if exported and config.get("evaluation") and config.evaluation.enabled:
             run_stage("Evaluation", "Evaluating winner vs base on the CPU (answers, judge, report)", "orpolab.evaluate",
-                      [sweep_dir, "--tracking-uri", uri, "--report-dir", str(Path(config.paths.root_dir) / "report")],
+                      [sweep_dir, "--tracking-uri", uri, "--report-dir", str(config.paths.report_dir)],
                       f"it resumes where it stopped with: python -m orpolab.evaluate {sweep_dir}")
+
+
+def pin_sweep_dir(config: DictConfig) -> str:
+    """Resolve the sweep folder once, in the process that starts the sweep, and hand it to every job.
+
+    The folder's name is derived from the sweep's own overrides (``orpolab.sweep_id``); a job's
+    config holds only its own overrides, so it must not derive it again. Hydra builds each job's
+    config from ``hydra.overrides.hydra`` plus the job's overrides, so the resolved folder goes there.
+    """
+    folder = str(Path(str(config.hydra.sweep.dir)).resolve())
+    with read_write(config.hydra.sweep), open_dict(config.hydra.sweep):
+        config.hydra.sweep.dir = folder
+    with read_write(config.hydra.overrides.hydra):
+        config.hydra.overrides.hydra.append(f"hydra.sweep.dir='{folder}'")
+    return folder
 
 
 def run_stage(name: str, title: str, module: str, args: list[str], retry_hint: str) -> bool:

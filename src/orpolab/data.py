@@ -376,22 +376,88 @@ class PairCollator:
             attention[i, : len(ids)] = 1
             labels[i, len(p): len(ids)] = ids[len(p):]
         answer_bytes = torch.tensor([e[k] for k in ("chosen_bytes", "rejected_bytes") for e in examples])
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "answer_bytes": answer_bytes}
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "answer_bytes": answer_bytes}
+        if all("index" in e for e in examples):
+            batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+        return batch
+
+
+class IndexedPairs(torch.utils.data.Dataset):
+    """Prepared pairs that also carry their position, so per-pair caches (DPO's reference) can be looked up."""
+
+    def __init__(self, pairs: list[dict]):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.pairs[i], "index": i}
+
+
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """A shuffling sampler whose order depends only on (seed, epoch), and that can start mid-epoch.
+
+    Lightning's plain DataLoader restarts an interrupted epoch from its first batch; a job resumed
+    from a mid-epoch checkpoint would then see other data than an uninterrupted one. Here the
+    checkpoint stores how many samples of the epoch were trained on, and the resumed epoch skips
+    exactly those. ``len`` stays the full epoch, because Lightning counts the batches already done.
+    """
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed = num_samples, seed
+        self.epoch = 0
+        self.resume_epoch: int | None = None
+        self.resume_offset = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls it at the start of every epoch
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> list[int]:
+        return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        start = self.resume_offset if self.resume_epoch == self.epoch else 0
+        self.resume_epoch, self.resume_offset = None, 0
+        yield from self.order(self.epoch)[start:]
 
 
 class PreferenceDataModule(L.LightningDataModule):
-    """Serves prepared pairs; tokenization happens once in ``prepare`` before the trainer starts."""
+    """Serves prepared pairs; tokenization happens once in ``prepare`` before the trainer starts.
+
+    Its ``state_dict`` (saved in every checkpoint) records the position in the training data, so a
+    resumed job continues with the very batches an uninterrupted one would have seen.
+    """
 
     def __init__(self, data: PreparedData, cfg: DataConfig, pad_token_id: int, seed: int):
         super().__init__()
         self.data, self.cfg, self.seed = data, cfg, seed
         self.collate = PairCollator(pad_token_id)
+        self.sampler = ResumableSampler(len(data.train), seed)
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.data.train, batch_size=self.cfg.batch_size, shuffle=True, generator=generator,
+        return DataLoader(IndexedPairs(self.data.train), batch_size=self.cfg.batch_size, sampler=self.sampler,
                           collate_fn=self.collate, num_workers=self.cfg.num_workers, drop_last=False)
 
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return {"epoch": trainer.current_epoch, "samples_done": done * self.cfg.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.sampler.resume_epoch, self.sampler.resume_offset = state["epoch"], state["samples_done"]
+
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.data.eval, batch_size=self.cfg.eval_batch_size, shuffle=False,
+        return self.reference_dataloader("val")
+
+    def reference_dataloader(self, split: str) -> DataLoader:
+        """A split in its stored order, for one pass that fills a per-pair cache."""
+        pairs = {"train": self.data.train, "val": self.data.eval}[split]
+        return DataLoader(IndexedPairs(pairs), batch_size=self.cfg.eval_batch_size, shuffle=False,
                           collate_fn=self.collate, num_workers=self.cfg.num_workers)

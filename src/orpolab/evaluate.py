@@ -1,8 +1,11 @@
-"""Evaluate the exported winner against its base on the CPU: answers, Flow Judge verdicts, scores.
+"""Evaluate the exported model(s) against their base on the CPU: answers, Flow Judge verdicts, scores.
+
+The models are the base and the sweep's winner, or, for a mixed-method sweep, the best job of each
+method; every trained model is compared with the base on the same prompts.
 
 Stages, each runnable alone on an existing sweep and each resuming from its saved results:
 
-    python -m orpolab.evaluate <sweep> --stage generate   # answers of base and winner (GGUF)
+    python -m orpolab.evaluate <sweep> --stage generate   # answers of base and trained models (GGUF)
     python -m orpolab.evaluate <sweep> --stage judge      # Flow Judge verdicts
     python -m orpolab.evaluate <sweep> --stage score      # objective accuracy, bootstrap, ... -> results.json
     python -m orpolab.evaluate <sweep> --stage report     # report/ (Markdown + plots) and MLflow
@@ -28,7 +31,6 @@ from orpolab.generate import GenerationConfig, answer_prompts, append_jsonl, rea
 from orpolab.sample_task import is_correct
 from orpolab.stats import bootstrap_mean_ci, judge_agreement, paired_comparison
 
-MODELS = ("base", "winner")
 STAGES = ("generate", "judge", "score", "report")
 
 
@@ -89,6 +91,9 @@ class Evaluation:
         self.cfg, self.prompts_cfg = self.job_cfg.evaluation, self.job_cfg.eval_prompts
         self.out = self.sweep / "evaluation"
         self.out.mkdir(parents=True, exist_ok=True)
+        # "base" first, then the exported models: "winner", or one per method in a mixed-method sweep.
+        self.trained = tuple(self.export.get("winners", {"winner": None}))
+        self.models = ("base", *self.trained)
 
     def gguf(self, model: str) -> Path:
         quant = str(self.cfg.quant).upper()
@@ -122,7 +127,7 @@ class Evaluation:
     def generate(self) -> None:
         gen = GenerationConfig(**OmegaConf.to_container(self.cfg.generation, resolve=True))
         prompts = self.prompts()
-        for model in MODELS:
+        for model in self.models:
             answer_prompts(self.gguf(model), prompts, self.out / f"answers-{model}.jsonl", gen, model)
 
     def judge(self) -> None:
@@ -131,7 +136,7 @@ class Evaluation:
         from orpolab.judge import LlamaCppFlowJudge, metric_by_name
 
         prompts = {p["id"]: p for p in self.prompts()}
-        answers = {m: {a["id"]: a for a in read_jsonl(self.out / f"answers-{m}.jsonl")} for m in MODELS}
+        answers = {m: {a["id"]: a for a in read_jsonl(self.out / f"answers-{m}.jsonl")} for m in self.models}
         if not all(answers.values()):
             raise OrpolabError("no answers to judge yet; run the generate stage first")
         judge_file, judge_name = self.judge_file(), self.judge_name()
@@ -140,7 +145,7 @@ class Evaluation:
             metric = metric_by_name(metric_name)
             out_file = self.out / f"verdicts-{metric_name}.jsonl"
             done = {(v["model"], v["id"]) for v in read_jsonl(out_file)}
-            todo = [(pid, m) for pid in prompts for m in MODELS  # both answers to a question back to back
+            todo = [(pid, m) for pid in prompts for m in self.models  # all answers to a question back to back
                     if (m, pid) not in done and pid in answers[m] and "answer" in answers[m][pid]]
             if not todo:
                 continue
@@ -173,12 +178,12 @@ class Evaluation:
     def score(self) -> dict:
         boot = self.cfg.bootstrap
         prompts = self.prompts()
-        answers = {m: {a["id"]: a for a in read_jsonl(self.out / f"answers-{m}.jsonl")} for m in MODELS}
-        results: dict = {"prompts": len(prompts), "judge": self.judge_name(),
+        answers = {m: {a["id"]: a for a in read_jsonl(self.out / f"answers-{m}.jsonl")} for m in self.models}
+        results: dict = {"prompts": len(prompts), "judge": self.judge_name(), "models_order": list(self.models),
                          "stand_in": bool(self.cfg.judge.stand_in),
                          "generation": OmegaConf.to_container(self.cfg.generation, resolve=True),
                          "quant": str(self.cfg.quant).upper(), "models": {}, "metrics": {}}
-        for m in MODELS:
+        for m in self.models:
             rows = [answers[m].get(p["id"], {}) for p in prompts]
             answered = [r for r in rows if "answer" in r]
             n = max(1, len(answered))
@@ -198,16 +203,18 @@ class Evaluation:
         checked = [p for p in prompts if p.get("expected") is not None]
         if checked:
             correct = {m: [float(is_correct(answers[m].get(p["id"], {}).get("answer", ""), int(p["expected"])))
-                           for p in checked] for m in MODELS}
-            results["accuracy_paired"] = paired_comparison(correct["winner"], correct["base"], boot.n_resamples,
-                                                           boot.seed)
+                           for p in checked] for m in self.models}
+            # Each trained model against the base, on the same prompts.
+            results["accuracy_paired"] = {m: paired_comparison(correct[m], correct["base"], boot.n_resamples,
+                                                               boot.seed) for m in self.trained}
         for metric_name in self.cfg.judge.metrics:
             verdicts = read_jsonl(self.out / f"verdicts-{metric_name}.jsonl")
             score = {(v["model"], v["id"]): (v["score"] if v["score"] >= 0 else None) for v in verdicts}
-            per = {m: [score.get((m, p["id"])) for p in prompts] for m in MODELS}
+            per = {m: [score.get((m, p["id"])) for p in prompts] for m in self.models}
             entry = {"parse_failures": sum(v["score"] < 0 for v in verdicts), "verdicts": len(verdicts),
-                     "paired": paired_comparison(per["winner"], per["base"], boot.n_resamples, boot.seed)}
-            for m in MODELS:
+                     "paired": {m: paired_comparison(per[m], per["base"], boot.n_resamples, boot.seed)
+                                for m in self.trained}}
+            for m in self.models:
                 vals = [s for s in per[m] if s is not None]
                 if vals:
                     lo, hi = bootstrap_mean_ci(vals, boot.n_resamples, seed=boot.seed)

@@ -26,7 +26,7 @@ from orpolab.errors import OrpolabError
 from orpolab.files import write_json_atomic
 from orpolab.merge import check_disk, merge, parameter_count
 from orpolab.model import LoraSettings, ModelConfig
-from orpolab.select import select_winner, sweep_parent
+from orpolab.select import select_winners, sweep_parent
 from orpolab.verify import VerifyConfig, verify_gguf
 
 log = logging.getLogger(__name__)
@@ -98,54 +98,78 @@ def gguf_set(src: Path, stem: str, out_dir: Path, quants: list[str], cache_dir: 
 
 def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = None, parent_run_id: str | None = None,
                  export_cfg: ExportConfig | None = None) -> dict:
-    """The whole export; returns the summary also written to ``<sweep>/export/export.json``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The whole export; returns the summary also written to ``<sweep>/export/export.json``.
+
+    A one-method sweep exports its winner (files named ``winner-*``); a mixed-method sweep exports
+    the best job of each method (``orpo-*``, ``dpo-*``, ...), all from the same base model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     parent = sweep_parent(tracking_uri, experiment, sweep_dir, parent_run_id)
     sweep = Path(parent.data.tags[tracking.SWEEP_TAG])
     export_cfg = export_cfg or ExportConfig.from_node(_sweep_export_node(sweep))
-    winner = select_winner(tracking_uri, parent)
-    job_cfg = OmegaConf.load(Path(winner.output_dir) / ".hydra" / "config.yaml")
+    winners = select_winners(tracking_uri, parent)
+    job_cfgs = {label: OmegaConf.load(Path(w.output_dir) / ".hydra" / "config.yaml") for label, w in winners.items()}
+    first = next(iter(winners))
+    job_cfg = job_cfgs[first]
     model_cfg = ModelConfig(**OmegaConf.to_container(job_cfg.model, resolve=True))
-    lora_cfg = LoraSettings(**OmegaConf.to_container(job_cfg.lora, resolve=True))
+    models = {label: str(c.model.name_or_path) for label, c in job_cfgs.items()}
+    if len(set(models.values())) > 1:
+        raise OrpolabError(
+            "a mixed-method sweep is compared against one base model, but the methods' best jobs used "
+            f"different models ({models}); sweep the methods on one model at a time"
+        )
     out = sweep / "export"
     gguf_dir = out / "gguf"
     cache_dir = str(Path(job_cfg.paths.cache_dir))
-    print(f"winner: job {winner.job_num} ({winner.overrides}), {winner.value:.4f}", flush=True)
+    for label, w in winners.items():
+        print(f"{label}: job {w.job_num} ({w.overrides}), {w.metric} {w.value:.4f}", flush=True)
 
-    # Disk: merged model + an f16 GGUF + quants for winner (and base), estimated from the parameter count.
+    # Disk: a merged model + an f16 GGUF + quants per exported model (and the base), from the parameter count.
     n_params = parameter_count(AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision))
-    copies = 2 if export_cfg.include_base else 1
-    need = n_params * (4 + copies * (2 + len(export_cfg.quant_types)))
+    copies = len(winners) + (1 if export_cfg.include_base else 0)
+    need = n_params * (4 * len(winners) + copies * (2 + len(export_cfg.quant_types)))
     check_disk(out, need, "the export")
 
-    print("merging the adapter ...", flush=True)
-    merged_dir = merge(model_cfg, lora_cfg, winner.best_checkpoint, out / "merged", adapter_dir=out / "adapter",
-                       headroom=export_cfg.memory_headroom)
-    print("converting to GGUF ...", flush=True)
     model_name = Path(model_cfg.name_or_path).name
-    winner_files = gguf_set(merged_dir, "winner", gguf_dir, export_cfg.quant_types, cache_dir,
-                            f"{model_name} orpolab winner (job {winner.job_num})")
+    exported: dict[str, dict] = {}
+    checks: list[dict] = []
+    texts = prompt_texts = None
+    for label, w in winners.items():
+        suffix = "" if label == "winner" else f"-{label}"
+        lora_cfg = LoraSettings(**OmegaConf.to_container(job_cfgs[label].lora, resolve=True))
+        print(f"merging the {label} adapter ...", flush=True)
+        merged_dir = merge(model_cfg, lora_cfg, w.best_checkpoint, out / f"merged{suffix}",
+                           adapter_dir=out / f"adapter{suffix}", headroom=export_cfg.memory_headroom)
+        print(f"converting {label} to GGUF ...", flush=True)
+        title = "winner" if label == "winner" else f"{label} winner"
+        files = gguf_set(merged_dir, label, gguf_dir, export_cfg.quant_types, cache_dir,
+                         f"{model_name} orpolab {title} (job {w.job_num})")
+        tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+        if texts is None:
+            texts, prompt_texts = held_out_texts(job_cfg, tokenizer, export_cfg.verify.num_texts)
+        hf_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="float32").eval()
+        checks += [{"model": label, **verify_gguf(hf_model, tokenizer, path, texts, q, export_cfg.verify,
+                                                  prompt_texts=prompt_texts)} for q, path in files.items()]
+        del hf_model
+        exported[label] = {
+            "run_id": w.run_id, "job": w.job_num, "overrides": w.overrides, "method": w.method,
+            "metric": w.metric, "mode": w.mode, "value": w.value, "best_checkpoint": w.best_checkpoint,
+            "model": model_cfg.name_or_path, "merged_model": str(merged_dir), "adapter": str(out / f"adapter{suffix}"),
+            "gguf": {k: str(v) for k, v in files.items()},
+        }
     base_files = {}
     if export_cfg.include_base:
         base_files = gguf_set(base_model_dir(model_cfg), "base", gguf_dir, export_cfg.quant_types, cache_dir,
                               f"{model_name} base")
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    texts, prompt_texts = held_out_texts(job_cfg, tokenizer, export_cfg.verify.num_texts)
-    hf_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="float32").eval()
-    checks = [verify_gguf(hf_model, tokenizer, path, texts, q, export_cfg.verify, prompt_texts=prompt_texts)
-              for q, path in winner_files.items()]
     passed = all(c["passed"] for c in checks)
     summary = {
         "sweep_dir": str(sweep), "parent_run_id": parent.info.run_id, "passed": passed,
-        "winner": {"run_id": winner.run_id, "job": winner.job_num, "overrides": winner.overrides,
-                   "value": winner.value, "best_checkpoint": winner.best_checkpoint,
-                   "model": model_cfg.name_or_path, "config": OmegaConf.to_container(job_cfg, resolve=True)},
-        "merged_model": str(merged_dir), "adapter": str(out / "adapter"),
-        "gguf": {"winner": {k: str(v) for k, v in winner_files.items()},
+        "winners": exported,
+        # The first exported model, with the job config the evaluation reads its settings from.
+        "winner": {**exported[first], "label": first, "config": OmegaConf.to_container(job_cfg, resolve=True)},
+        "merged_model": exported[first]["merged_model"], "adapter": exported[first]["adapter"],
+        "gguf": {**{label: e["gguf"] for label, e in exported.items()},
                  "base": {k: str(v) for k, v in base_files.items()}},
         "verification": checks,
     }
@@ -191,7 +215,7 @@ def _log_to_mlflow(tracking_uri: str, parent_run_id: str, summary: dict, cfg: Ex
     run.set_tags({"orpolab.export_dir": str(Path(summary["merged_model"]).parent),
                   "orpolab.merged_model": summary["merged_model"], "orpolab.export_passed": str(summary["passed"])})
     for check in summary["verification"]:
-        q = check["quant"]
+        q = check["quant"] if check.get("model", "winner") == "winner" else f"{check['model']}/{check['quant']}"
         run.log_metrics({f"export/{q}/ppl_ratio": check["ppl_ratio"],
                          f"export/{q}/top1_agreement": check["top1_agreement"],
                          f"export/{q}/token_id_mismatches": check["token_id_mismatches"]})

@@ -1,8 +1,12 @@
-"""The LightningModule: ORPO over a LoRA-wrapped causal LM, chosen and rejected in one forward.
+"""The LightningModule: a preference loss over a LoRA-wrapped causal LM, chosen and rejected in one forward.
 
 Read top to bottom: ``_forward`` turns a ``[2B, L]`` batch into per-sequence log-probabilities,
-``training_step`` feeds them to :func:`orpolab.losses.orpo_loss`, ``validation_step`` also
-accumulates the sweep-fair selection metrics (chosen bits per byte, preference accuracy).
+``_loss`` hands them to the configured method's pure loss in :mod:`orpolab.losses` (ORPO, DPO,
+SimPO or SFT; nothing else forks per method), ``validation_step`` also accumulates the
+method-independent selection metrics (chosen bits per byte, preference accuracy).
+
+DPO's reference model is the same base with the LoRA adapter disabled, so no second copy of the
+weights is held; its log-probabilities are computed once per split and cached (they never change).
 """
 
 from __future__ import annotations
@@ -15,7 +19,40 @@ import torch
 from torchmetrics.aggregation import SumMetric
 
 from orpolab.errors import OrpolabError
-from orpolab.losses import masked_mean, orpo_loss, token_logps
+from orpolab.losses import dpo_loss, masked_mean, orpo_loss, sft_loss, simpo_loss, token_logps
+
+METHODS = ("orpo", "dpo", "simpo", "sft")
+
+
+@dataclass
+class MethodConfig:
+    """``conf/method/``: which loss trains the adapter, and its parameters.
+
+    Fields a method does not use are ignored by it (``gamma`` only matters to SimPO, and so on).
+    """
+
+    name: str = "orpo"
+    beta: float = 0.1
+    # ORPO: NLL over "full" (prompt + response, TRL's default) or "completion". SFT always uses completion.
+    nll_on: str = "full"
+    # DPO: conservative DPO's label smoothing, and whether to compute the reference once before training.
+    label_smoothing: float = 0.0
+    precompute_ref_logps: bool = True
+    # SimPO: target reward margin.
+    gamma: float = 0.5
+    # Dropout off everywhere (LoRA's included), as TRL's trainers do by default.
+    disable_dropout: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise OrpolabError(f"method.name must be one of {', '.join(METHODS)}, got {self.name!r}")
+        if self.name != "sft" and self.beta <= 0:
+            key = "orpo.beta" if self.name == "orpo" else "method.beta"  # where the user sets it
+            raise OrpolabError(f"{key} must be positive, got {self.beta} (method {self.name})")
+        if self.nll_on not in ("full", "completion"):
+            raise OrpolabError(f"orpo.nll_on must be 'full' or 'completion', got {self.nll_on!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise OrpolabError(f"method.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
 @dataclass
@@ -31,23 +68,21 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | linear | constant
 
 
-class ORPOModule(L.LightningModule):
+class PreferenceModule(L.LightningModule):
     """Trains only the adapter; checkpoints hold adapter and optimizer state, not the base weights."""
 
-    def __init__(self, model: torch.nn.Module, beta: float, optim: OptimConfig, nll_on: str = "full",
-                 disable_dropout: bool = True):
+    def __init__(self, model: torch.nn.Module, method: MethodConfig, optim: OptimConfig):
         super().__init__()
-        if beta <= 0:
-            raise OrpolabError(f"orpo.beta must be positive, got {beta}")
         if optim.lr <= 0:
             raise OrpolabError(f"optim.lr must be positive, got {optim.lr}")
-        if nll_on not in ("full", "completion"):
-            raise OrpolabError(f"orpo.nll_on must be 'full' or 'completion', got {nll_on!r}")
-        self.model, self.beta, self.optim, self.nll_on = model, beta, optim, nll_on
-        # from_pretrained returns a model in eval mode; train it explicitly. TRL's ORPO turns every
-        # dropout off by default (disable_dropout=True), which keeps chosen/rejected log-probs comparable.
+        self.model, self.method, self.optim = model, method, optim
+        if method.name == "dpo" and not hasattr(model, "disable_adapter"):
+            raise OrpolabError("DPO's reference is the base with the LoRA adapter disabled: the model needs an adapter")
+        # from_pretrained returns a model in eval mode; train it explicitly. TRL turns every dropout
+        # off by default (disable_dropout=True), which keeps chosen/rejected log-probs comparable and
+        # makes DPO's adapter-disabled reference deterministic.
         self.model.train()
-        if disable_dropout:
+        if method.disable_dropout:
             for sub in self.model.modules():
                 if isinstance(sub, torch.nn.Dropout):
                     sub.p = 0.0
@@ -57,6 +92,8 @@ class ORPOModule(L.LightningModule):
         self.val_bytes = SumMetric()
         self.val_correct = SumMetric()
         self.val_pairs = SumMetric()
+        # DPO: reference log-probs per pair (chosen, rejected), per split, filled once on first use.
+        self.ref_cache: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------ forward
 
@@ -69,30 +106,83 @@ class ORPOModule(L.LightningModule):
         logps = token_logps(logits, targets)
         completion = labels[:, 1:] != -100
         seq_mean = masked_mean(logps, completion)
-        nll_mask = (targets[:n, 1:] != -100) if self.nll_on == "full" else completion[:n]
+        nll_on = self.method.nll_on if self.method.name == "orpo" else "completion"
+        nll_mask = (targets[:n, 1:] != -100) if nll_on == "full" else completion[:n]
         chosen_nll = -(logps[:n] * nll_mask).sum() / nll_mask.sum().clamp(min=1)
         with torch.no_grad():
             vocab_mean = logits.detach().float().mean(-1)[:, 1:]
             mean_logits = masked_mean(vocab_mean, completion)
         return {
-            "chosen_logps": seq_mean[:n], "rejected_logps": seq_mean[n:], "chosen_nll": chosen_nll,
+            "mean_logps": seq_mean, "sum_logps": (logps * completion).sum(-1), "chosen_nll": chosen_nll,
+            "chosen_logps": seq_mean[:n], "rejected_logps": seq_mean[n:],
             "chosen_sum_nats": -(logps[:n] * completion[:n]).sum(-1).detach(),
             "logits/chosen": mean_logits[:n].mean(), "logits/rejected": mean_logits[n:].mean(),
         }
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed completion log-probs of the base model (adapter disabled), shape (2B,).
+
+        Evaluated in eval mode so that the reference is deterministic even with dropout left on.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                return self._forward(batch)["sum_logps"].detach()
+        finally:
+            self.model.train(was_training)
+
+    def _cached_reference(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        if not self.method.precompute_ref_logps or "index" not in batch:
+            return self.reference_logps(batch)
+        if split not in self.ref_cache:
+            self.ref_cache[split] = self.compute_reference_cache(self.trainer.datamodule.reference_dataloader(split),
+                                                                 split)
+        table = self.ref_cache[split].to(batch["input_ids"].device)
+        idx = batch["index"]
+        return torch.cat([table[idx, 0], table[idx, 1]])
+
+    def compute_reference_cache(self, loader, split: str = "") -> torch.Tensor:
+        """Reference log-probs of every pair a loader serves, once: shape (pairs, 2), chosen and rejected."""
+        from tqdm.auto import tqdm
+
+        table = torch.full((len(loader.dataset), 2), float("nan"), dtype=torch.float32)
+        for batch in tqdm(loader, desc=f"DPO reference log-probs ({split})", unit="batch", disable=None,
+                          leave=False):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            ref = self.reference_logps(batch).float().cpu()
+            n = ref.shape[0] // 2
+            table[batch["index"].cpu(), 0], table[batch["index"].cpu(), 1] = ref[:n], ref[n:]
+        return table
+
+    def _loss(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         out = self._forward(batch)
-        loss, metrics = orpo_loss(out["chosen_logps"], out["rejected_logps"], out["chosen_nll"], self.beta)
+        m = self.method
+        n = batch["input_ids"].shape[0] // 2
+        if m.name == "orpo":
+            loss, metrics = orpo_loss(out["chosen_logps"], out["rejected_logps"], out["chosen_nll"], m.beta)
+        elif m.name == "dpo":
+            ref = self._cached_reference(batch, split)
+            loss, metrics = dpo_loss(out["sum_logps"][:n], out["sum_logps"][n:], ref[:n], ref[n:], m.beta,
+                                     m.label_smoothing)
+        elif m.name == "simpo":
+            loss, metrics = simpo_loss(out["chosen_logps"], out["rejected_logps"], m.beta, m.gamma)
+        else:
+            loss, metrics = sft_loss(out["chosen_nll"])
+            metrics["logps/chosen"] = out["chosen_logps"].detach().mean()
+            metrics["logps/rejected"] = out["rejected_logps"].detach().mean()
         metrics["logits/chosen"], metrics["logits/rejected"] = out["logits/chosen"], out["logits/rejected"]
         return loss, metrics, out
 
     # ------------------------------------------------------------ steps
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, metrics, _ = self._loss(batch)
+        loss, metrics, _ = self._loss(batch, "train")
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"the ORPO loss became {loss.item()} at step {self.global_step}; lower optim.lr or check the data"
+                f"the {self.method.name.upper()} loss became {loss.item()} at step {self.global_step}; "
+                "lower optim.lr or check the data"
             )
         n = batch["input_ids"].shape[0] // 2
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
@@ -104,7 +194,7 @@ class ORPOModule(L.LightningModule):
             metric.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, metrics, out = self._loss(batch)
+        loss, metrics, out = self._loss(batch, "val")
         n = batch["input_ids"].shape[0] // 2
         self.log("val/loss", loss, batch_size=n)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=n)

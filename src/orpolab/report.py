@@ -26,20 +26,29 @@ if TYPE_CHECKING:
 
 CURVES = ("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
           "train/rewards/accuracies")
-SWEEP_PARAMS = ("model.name_or_path", "orpo.beta", "optim.lr", "seed")
+SWEEP_PARAMS = ("model.name_or_path", "method.name", "method.beta", "optim.lr", "seed")
 STAND_IN_NOTE = " This report was scored by a stand-in, not by Flow Judge: its judge scores say nothing about quality."
+COLORS = ["#999999", "#2b7bba", "#e08a2c", "#4a9e5c", "#b55d9e", "#8c6d4f"]
 
 
-def _interval(entry: dict, model: str) -> str:
-    if model not in entry:
+def _interval(entry: dict | None) -> str:
+    if not entry:
         return "-"
-    e = entry[model]
-    return f"{e['mean']:.3f} [{e['ci_low']:.2f}, {e['ci_high']:.2f}]"
+    return f"{entry['mean']:.3f} [{entry['ci_low']:.2f}, {entry['ci_high']:.2f}]"
+
+
+def _diff(p: dict) -> str:
+    return f"{p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]" if "mean_diff" in p else "-"
 
 
 def _short(text: str, n: int = 80) -> str:
     text = " ".join(str(text).split()).replace("|", "\\|")
     return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _exported(ev: Evaluation) -> dict[str, dict]:
+    """Label -> exported model (older exports hold only "winner")."""
+    return ev.export.get("winners") or {"winner": ev.export["winner"]}
 
 
 def sweep_rows(ev: Evaluation) -> list[dict]:
@@ -48,13 +57,15 @@ def sweep_rows(ev: Evaluation) -> list[dict]:
     parent = c.get_run(ev.export["parent_run_id"])
     runs = c.search_runs([parent.info.experiment_id],
                          filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}'")
+    labels = {e["run_id"]: label for label, e in _exported(ev).items()}
     rows = []
     for r in sorted(runs, key=lambda r: int(r.data.tags.get("orpolab.job_num", "0"))):
         metric = r.data.tags.get("orpolab.selection_metric", "")
         rows.append({"job": int(r.data.tags.get("orpolab.job_num", "0")), "run_id": r.info.run_id,
                      "status": r.info.status, "metric": metric, "value": r.data.metrics.get(f"best/{metric}"),
                      **{p: r.data.params.get(p, "") for p in SWEEP_PARAMS},
-                     "winner": r.info.run_id == ev.export["winner"]["run_id"]})
+                     "method": r.data.tags.get("orpolab.method", "orpo"),
+                     "exported": labels.get(r.info.run_id, ""), "metrics": dict(r.data.metrics)})
     return rows
 
 
@@ -62,12 +73,12 @@ def plot_curves(ev: Evaluation, rows: list[dict], path: Path) -> None:
     c = tracking.client(ev.tracking_uri)
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
     for row in rows:
-        label = f"job {row['job']}" + (" (winner)" if row["winner"] else "")
+        label = f"job {row['job']} {row['method']}" + (f" ({row['exported']})" if row["exported"] else "")
         for ax, key in zip(axes, CURVES, strict=True):
             hist = c.get_metric_history(row["run_id"], key)
             if hist:
                 ax.plot([m.step for m in hist], [m.value for m in hist], label=label,
-                        linewidth=2.2 if row["winner"] else 1.0)
+                        linewidth=2.2 if row["exported"] else 1.0)
     for ax, key in zip(axes, CURVES, strict=True):
         ax.set_title(key.removeprefix("train/"))
         ax.set_xlabel("step")
@@ -77,18 +88,19 @@ def plot_curves(ev: Evaluation, rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_scores(results: dict, path: Path) -> None:
-    """Mean judge score and objective accuracy of base and winner, with bootstrap intervals."""
+def plot_scores(results: dict, models: tuple[str, ...], path: Path) -> None:
+    """Mean judge score and objective accuracy of every model, with bootstrap intervals."""
     panels = [(f"judge: {name}", entry) for name, entry in results["metrics"].items()]
-    if any("accuracy" in results["models"][m] for m in ("base", "winner")):
-        panels.append(("exact-answer accuracy", {m: results["models"][m].get("accuracy") for m in ("base", "winner")}))
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 3.2), squeeze=False)
+    if any("accuracy" in results["models"][m] for m in models):
+        panels.append(("exact-answer accuracy", {m: results["models"][m].get("accuracy") for m in models}))
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(max(4.5, 1.2 * len(models) + 2) * max(1, len(panels)),
+                                                              3.2), squeeze=False)
     for ax, (title, entry) in zip(axes[0], panels, strict=False):
-        names = [m for m in ("base", "winner") if entry.get(m)]
+        names = [m for m in models if entry.get(m)]
         means = [entry[m]["mean"] for m in names]
         err = [[entry[m]["mean"] - entry[m]["ci_low"] for m in names], [entry[m]["ci_high"] - entry[m]["mean"]
                                                                          for m in names]]
-        ax.bar(names, means, yerr=err, capsize=6, color=["#999999", "#2b7bba"][: len(names)])
+        ax.bar(names, means, yerr=err, capsize=6, color=[COLORS[models.index(m) % len(COLORS)] for m in names])
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -109,52 +121,95 @@ def seed_spread(rows: list[dict]) -> list[str]:
     return lines
 
 
+def method_comparison(ev: Evaluation, results: dict, rows: list[dict]) -> list[str]:
+    """Per method: how its model was picked, its held-out metrics, and its scores against the base."""
+    exported = _exported(ev)
+    by_run = {r["run_id"]: r for r in rows}
+    md = ["## Method comparison", "",
+          "Each method's best job was picked by the selection metric named in the table. That metric is "
+          "comparable across methods but favours some by construction (SFT minimises exactly the chosen "
+          "answers' NLL, which bits per byte measures), so the methods are compared on the answers below, "
+          "not by it.", "",
+          "| model | method | job | picked by | held-out chosen bits/byte | held-out preference accuracy | "
+          + " | ".join(f"{name} (vs base)" for name in results["metrics"])
+          + (" | exact-answer accuracy (vs base) |" if "accuracy_paired" in results else " |"),
+          "|---|---|---|---|---|---|" + "---|" * len(results["metrics"])
+          + ("---|" if "accuracy_paired" in results else "")]
+    for model in ev.models:
+        if model == "base":
+            cells = ["base", "-", "-", "-", "-", "-"]
+        else:
+            e = exported[model]
+            r = by_run.get(e["run_id"], {"metrics": {}})
+            bpb, acc = r["metrics"].get("val/chosen_bpb"), r["metrics"].get("val/pref_accuracy")
+            cells = [model, e.get("method", "orpo"), str(e["job"]), f"{e.get('metric', '')} = {e['value']:.4f}",
+                     f"{bpb:.4f}" if bpb is not None else "-", f"{acc:.3f}" if acc is not None else "-"]
+        for entry in results["metrics"].values():
+            vs = "" if model == "base" else f" ({_diff(entry['paired'][model])})"
+            cells.append(_interval(entry.get(model)) + vs)
+        if "accuracy_paired" in results:
+            vs = "" if model == "base" else f" ({_diff(results['accuracy_paired'][model])})"
+            cells.append(_interval(results["models"][model].get("accuracy")) + vs)
+        md.append("| " + " | ".join(cells) + " |")
+    md += ["", "Held-out metrics are the last evaluation of each job's run; intervals are 95% bootstrap intervals, "
+           "differences are paired on the same prompts.", ""]
+    return md
+
+
 def write_report(ev: Evaluation, report_dir: Path) -> Path:
     """``report/report.md`` with its figures; also logged on the sweep's MLflow parent run."""
     results_file = ev.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else ev.score()
     report_dir.mkdir(parents=True, exist_ok=True)
+    models, trained = ev.models, ev.trained
     rows = sweep_rows(ev)
     plot_curves(ev, rows, report_dir / "training_curves.png")
-    plot_scores(results, report_dir / "scores.png")
-    w = ev.export["winner"]
+    plot_scores(results, models, report_dir / "scores.png")
+    exported = _exported(ev)
     md = [f"# orpolab report: {ev.sweep.name}", "",
           f"Sweep folder `{ev.sweep}`; MLflow parent run `{ev.export['parent_run_id']}`.", "",
           f"**Judge: {results['judge']}.**" + (STAND_IN_NOTE if results["stand_in"] else ""),
-          "", f"Answers: {results['quant']} GGUFs of base and winner on the CPU, generation settings "
+          "", f"Answers: {results['quant']} GGUFs of {', '.join(models)} on the CPU, generation settings "
           f"`{json.dumps(results['generation'])}`; {results['prompts']} prompts.", "",
-          "## Sweep", "", f"Selection metric: `{rows[0]['metric'] if rows else ''}` (the winner is marked).", "",
-          "| job | model | beta | lr | seed | status | selection value | |", "|---|---|---|---|---|---|---|---|"]
+          "## Sweep", "", f"Selection metric: `{rows[0]['metric'] if rows else ''}` (exported jobs are marked"
+          + ("; one per method" if len(trained) > 1 else "") + ").", "",
+          "| job | method | model | beta | lr | seed | status | selection value | exported |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         value = f"{r['value']:.4f}" if r["value"] is not None else "-"
-        md.append(f"| {r['job']} | {Path(r['model.name_or_path']).name} | {r['orpo.beta']} | {r['optim.lr']} | "
-                  f"{r['seed']} | {r['status']} | {value} | {'**winner**' if r['winner'] else ''} |")
-    md += ["", *seed_spread(rows), "", "## Training curves", "", "![training curves](training_curves.png)", "",
-           "## Export verification", "",
-           f"Winner: job {w['job']} ({w['overrides']}), merged model `{ev.export['merged_model']}`.",
-           "", "| GGUF | token ids | ppl GGUF | ppl PyTorch | ratio (max) | top-1 agreement (min) | |",
-           "|---|---|---|---|---|---|---|"]
+        mark = f"**{r['exported']}**" if r["exported"] else ""
+        md.append(f"| {r['job']} | {r['method']} | {Path(r['model.name_or_path']).name} | {r['method.beta']} | "
+                  f"{r['optim.lr']} | {r['seed']} | {r['status']} | {value} | {mark} |")
+    md += ["", *seed_spread(rows), "", "## Training curves", "", "![training curves](training_curves.png)", ""]
+    if len(trained) > 1:
+        md += method_comparison(ev, results, rows)
+    md += ["## Export verification", ""]
+    for label, e in exported.items():
+        md.append(f"- {label}: job {e['job']} ({e['overrides']}), merged model `{e.get('merged_model', '')}`.")
+    md += ["", "| model | GGUF | token ids | ppl GGUF | ppl PyTorch | ratio (max) | top-1 agreement (min) | |",
+           "|---|---|---|---|---|---|---|---|"]
     for c in ev.export["verification"]:
-        md.append(f"| {Path(c['gguf']).name} | {'identical' if not c['token_id_mismatches'] else 'differ'} | "
+        md.append(f"| {c.get('model', 'winner')} | {Path(c['gguf']).name} | "
+                  f"{'identical' if not c['token_id_mismatches'] else 'differ'} | "
                   f"{c['ppl_gguf']:.3f} | {c['ppl_pytorch']:.3f} | {c['ppl_ratio']:.3f} ({c['max_ppl_ratio']}) | "
                   f"{c['top1_agreement']:.3f} ({c['min_top1_agreement']}) | {'ok' if c['passed'] else 'FAILED'} |")
     md += ["", "## Scores", "", "![scores](scores.png)", "",
-           "| metric | base | winner | winner - base [95% CI] | wins / ties / losses | parse failures |",
-           "|---|---|---|---|---|---|"]
+           "| metric | model | score [95% CI] | base | model - base [95% CI] | wins / ties / losses | parse failures |",
+           "|---|---|---|---|---|---|---|"]
     for name, e in results["metrics"].items():
-        p = e["paired"]
-        diff = f"{p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]" if "mean_diff" in p else "-"
-        md.append(f"| {name} | {_interval(e, 'base')} | {_interval(e, 'winner')} | {diff} "
-                  f"| {p['wins']} / {p['ties']} / {p['losses']} | {e['parse_failures']} |")
-    acc = {m: results["models"][m].get("accuracy") for m in ("base", "winner")}
+        for m in trained:
+            p = e["paired"][m]
+            md.append(f"| {name} | {m} | {_interval(e.get(m))} | {_interval(e.get('base'))} | {_diff(p)} "
+                      f"| {p['wins']} / {p['ties']} / {p['losses']} | {e['parse_failures']} |")
+    acc = {m: results["models"][m].get("accuracy") for m in models}
     if all(acc.values()):
         md += ["", "Exact-answer accuracy (checked by a program: the right value, stated once): " + ", ".join(
             f"{m} {a['mean']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]" for m, a in acc.items()) + "."]
-        p = results.get("accuracy_paired", {})
-        if "mean_diff" in p:
-            md.append(f"Paired on the same prompts, winner - base: {p['mean_diff']:+.3f} "
-                      f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] (95% bootstrap), winner right and base wrong on "
-                      f"{p['wins']} prompts, the reverse on {p['losses']}.")
+        for m, p in results.get("accuracy_paired", {}).items():
+            if "mean_diff" in p:
+                md.append(f"- Paired on the same prompts, {m} - base: {p['mean_diff']:+.3f} "
+                          f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] (95% bootstrap); {m} right and base wrong on "
+                          f"{p['wins']} prompts, the reverse on {p['losses']}.")
         for name, e in results["metrics"].items():
             for m, a in e.get("agreement", {}).items():
                 if a.get("n"):
@@ -163,24 +218,11 @@ def write_report(ev: Evaluation, report_dir: Path) -> Path:
                               "trusted elsewhere).")
     md += ["", "## How the answers end", "", "| model | ended by itself | mean tokens | repeated 3-grams | skipped |",
            "|---|---|---|---|---|"]
-    for m in ("base", "winner"):
+    for m in models:
         s = results["models"][m]
         md.append(f"| {m} | {s['ended_by_eos']:.0%} | {s['mean_tokens']:.1f} | {s['mean_repeated_3gram_fraction']:.3f} "
                   f"| {s['skipped']} |")
-    md += ["", "## Per prompt", ""]
-    answers = {m: {a["id"]: a for a in read_jsonl(ev.out / f"answers-{m}.jsonl")} for m in ("base", "winner")}
-    first_metric = next(iter(results["metrics"]), None)
-    verdicts = {(v["model"], v["id"]): v["score"] for v in read_jsonl(ev.out / f"verdicts-{first_metric}.jsonl")} \
-        if first_metric else {}
-    md += [f"Scores: {first_metric}.", "", "| prompt | base answer | winner answer | base | winner | better |",
-           "|---|---|---|---|---|---|"]
-    for prompt in ev.prompts():
-        b, wv = verdicts.get(("base", prompt["id"])), verdicts.get(("winner", prompt["id"]))
-        better = "-" if b is None or wv is None else ("winner" if wv > b else "base" if b > wv else "tie")
-        base_answer = answers["base"].get(prompt["id"], {}).get("answer", "")
-        winner_answer = answers["winner"].get(prompt["id"], {}).get("answer", "")
-        md.append(f"| {_short(prompt['prompt'], 60)} | {_short(base_answer)} | {_short(winner_answer)} | {b} | {wv} "
-                  f"| {better} |")
+    md += ["", "## Per prompt", "", *per_prompt_table(ev, results)]
     out = report_dir / "report.md"
     tmp = report_dir / ".report.md.tmp"
     tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
@@ -190,3 +232,36 @@ def write_report(ev: Evaluation, report_dir: Path) -> Path:
         if f.is_file():
             tracking.with_retry(lambda f=f: run.client.log_artifact(run.run_id, str(f), "report"))
     return out
+
+
+def per_prompt_table(ev: Evaluation, results: dict) -> list[str]:
+    """One row per prompt, one column per model (answer, judge score, checked result), the best marked."""
+    from orpolab.sample_task import is_correct
+
+    models = ev.models
+    answers = {m: {a["id"]: a for a in read_jsonl(ev.out / f"answers-{m}.jsonl")} for m in models}
+    first_metric = next(iter(results["metrics"]), None)
+    verdicts = {(v["model"], v["id"]): v["score"] for v in read_jsonl(ev.out / f"verdicts-{first_metric}.jsonl")} \
+        if first_metric else {}
+    md = [f"Each cell: the answer, then the judge's {first_metric} score"
+          " and, where the answer can be checked, ✓ (right) or ✗ (wrong). **best**: the models with the top judge "
+          "score (checked answers first, when the prompt has one).", "",
+          "| prompt | " + " | ".join(models) + " | best |", "|---" * (len(models) + 2) + "|"]
+    for prompt in ev.prompts():
+        cells, ranked = [], {}
+        for m in models:
+            answer = answers[m].get(prompt["id"], {}).get("answer", "")
+            score = verdicts.get((m, prompt["id"]))
+            mark = ""
+            correct = None
+            if prompt.get("expected") is not None:
+                correct = is_correct(answer, int(prompt["expected"]))
+                mark = " ✓" if correct else " ✗"
+            cells.append(f"{_short(answer, 60)} ({score}){mark}")
+            if score is not None and score >= 0:
+                ranked[m] = (bool(correct), score)
+        top = max(ranked.values()) if ranked else None
+        best = [m for m, v in ranked.items() if v == top]
+        best_text = "-" if not best or len(best) == len(models) else ", ".join(best)
+        md.append(f"| {_short(prompt['prompt'], 60)} | " + " | ".join(cells) + f" | {best_text} |")
+    return md

@@ -5,6 +5,10 @@ Rule (documented in README): among the sweep's child runs with status FINISHED t
 equal to 1e-12 relative, go to the lowest Hydra job number, then the earliest start. Failed
 and unfinished jobs are ignored. The winner's exported adapter is its *best* checkpoint, the one
 on which that value was measured, never its last.
+
+A sweep over several methods (``method=orpo,dpo,simpo,sft``) has one winner per method: the
+selection metric is comparable across methods but favours some by construction (SFT minimises
+exactly the chosen answers' NLL), so the methods are compared by the judge, not by it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class Candidate:
     start_time: int
     metric: str = ""  # the job's selection metric and mode, from its tags
     mode: str = "min"
+    method: str = "orpo"
 
 
 def sweep_parent(tracking_uri: str, experiment: str, sweep_dir: str | None = None, parent_run_id: str | None = None):
@@ -65,6 +70,7 @@ def candidates(tracking_uri: str, parent) -> list[Candidate]:
             output_dir=run.data.tags.get("orpolab.output_dir"), overrides=run.data.tags.get("orpolab.overrides", ""),
             start_time=run.info.start_time or 0, metric=metric,
             mode=run.data.tags.get("orpolab.selection_mode", "min"),
+            method=run.data.tags.get("orpolab.method", "orpo"),
         ))
     return out
 
@@ -79,10 +85,11 @@ def rank(cands: list[Candidate], mode: str) -> list[Candidate]:
     return sorted(usable, key=lambda c: (float(f"{sign * c.value:.12g}"), c.job_num, c.start_time))
 
 
-def select_winner(tracking_uri: str, parent, metric: str | None = None, mode: str | None = None,
-                  log_to_parent: bool = True) -> Candidate:
-    """The winner, with the full ranking logged on the parent run; errors if every job failed.
+def select_winners(tracking_uri: str, parent, metric: str | None = None, mode: str | None = None,
+                   log_to_parent: bool = True) -> dict[str, Candidate]:
+    """The winners by label: ``{"winner": ...}`` for a one-method sweep, else one per method name.
 
+    The full ranking (per method) is logged on the parent run; errors if every job failed.
     ``metric`` and ``mode`` default to the ones the sweep's jobs were trained with (their tags):
     the best checkpoints were kept by that metric.
     """
@@ -96,17 +103,39 @@ def select_winner(tracking_uri: str, parent, metric: str | None = None, mode: st
             f"no finished job to export in sweep run {parent.info.run_id}: {len(cands)} job(s), {failed} failed. "
             "See the jobs' orpolab.error tags in MLflow; nothing was exported."
         )
-    winner = ranking[0]
-    if not winner.best_checkpoint or not Path(winner.best_checkpoint).is_file():
-        raise OrpolabError(f"the winner's best checkpoint {winner.best_checkpoint} is missing (job {winner.job_num})")
+    methods = sorted({c.method for c in cands}, key=lambda m: min(c.job_num for c in cands if c.method == m))
+    per_method = {m: [c for c in ranking if c.method == m] for m in methods}
+    if len(methods) == 1:
+        winners = {"winner": ranking[0]}
+    else:
+        winners = {m: r[0] for m, r in per_method.items() if r}
+        missing = [m for m, r in per_method.items() if not r]
+        if missing:
+            print(f"no finished job for method(s) {', '.join(missing)}: they are left out of the export", flush=True)
+    for label, w in winners.items():
+        if not w.best_checkpoint or not Path(w.best_checkpoint).is_file():
+            raise OrpolabError(f"the {label}'s best checkpoint {w.best_checkpoint} is missing (job {w.job_num})")
     if log_to_parent:
         job = tracking.JobRun(tracking_uri, parent.info.run_id)
-        table = {"metric": metric, "mode": mode, "rule": "best value; ties -> lowest job number, then earliest start",
+        table = {"metric": metric, "mode": mode,
+                 "rule": "best value per method; ties -> lowest job number, then earliest start",
                  "ranking": [asdict(c) for c in ranking],
+                 "per_method": {m: [c.job_num for c in r] for m, r in per_method.items()},
                  "ignored": [asdict(c) for c in cands if c not in ranking]}
         job.log_dict(table, "selection/ranking.json")
-        job.set_tags({"orpolab.winner_run_id": winner.run_id, "orpolab.winner_job": str(winner.job_num),
-                      "orpolab.winner_overrides": winner.overrides})
-        job.log_metrics({f"winner/{metric}": winner.value})
-    return winner
+        for label, w in winners.items():
+            prefix = "orpolab.winner" if label == "winner" else f"orpolab.winner.{label}"
+            job.set_tags({f"{prefix}_run_id": w.run_id, f"{prefix}_job": str(w.job_num),
+                          f"{prefix}_overrides": w.overrides})
+            key = f"winner/{metric}" if label == "winner" else f"winner/{label}/{metric}"
+            job.log_metrics({key: w.value})
+    return winners
 
+
+def select_winner(tracking_uri: str, parent, metric: str | None = None, mode: str | None = None,
+                  log_to_parent: bool = True) -> Candidate:
+    """The single winner of a one-method sweep (of a mixed sweep: the best of the methods' winners)."""
+    winners = select_winners(tracking_uri, parent, metric, mode, log_to_parent)
+    if "winner" in winners:
+        return winners["winner"]
+    return rank(list(winners.values()), mode or next(iter(winners.values())).mode)[0]

@@ -86,6 +86,8 @@ def ensure_sweep_run(tracking_uri: str, experiment: str, sweep_dir: str, overrid
     with FileLock(str(Path(sweep_dir) / ".mlflow-parent.lock")):
         found = find_sweep_run(tracking_uri, exp_id, sweep_dir)
         if found is not None:
+            if found.info.status != "RUNNING":  # the sweep is being resumed
+                with_retry(lambda: client(tracking_uri).update_run(found.info.run_id, status="RUNNING"))
             return found.info.run_id
         tags = {ROLE_TAG: "sweep", SWEEP_TAG: sweep_dir, "mlflow.runName": f"sweep {Path(sweep_dir).name}"}
         if overrides:
@@ -94,9 +96,21 @@ def ensure_sweep_run(tracking_uri: str, experiment: str, sweep_dir: str, overrid
         return run.info.run_id
 
 
+def find_job_run(tracking_uri: str, parent_run_id: str, job_num: str):
+    """A sweep job's run from an earlier attempt at the same sweep (by job number), or None."""
+    c = client(tracking_uri)
+    parent = with_retry(lambda: c.get_run(parent_run_id))
+    runs = with_retry(lambda: c.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`orpolab.job_num` = '{job_num}'",
+        order_by=["attributes.start_time ASC"]))
+    return runs[0] if runs else None
+
+
 def flatten(cfg: DictConfig) -> dict[str, str]:
     """The resolved config as dotted keys (``orpo.beta``), the way overrides name them."""
-    container = OmegaConf.to_container(cfg, resolve=True)
+    container = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
+                 for k in cfg if k != "hydra"}
     flat: dict[str, str] = {}
 
     def walk(prefix: str, node: Any) -> None:
@@ -106,7 +120,7 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
         else:
             flat[prefix] = str(node)[:6000]
 
-    walk("", {k: v for k, v in container.items() if k != "hydra"})
+    walk("", container)
     return flat
 
 
@@ -166,6 +180,10 @@ class JobRun:
 
     def finish(self) -> None:
         with_retry(lambda: self.client.set_terminated(self.run_id, "FINISHED"))
+
+    def reopen(self) -> None:
+        """Mark an interrupted or failed run RUNNING again: the resumed job continues it."""
+        with_retry(lambda: self.client.update_run(self.run_id, status="RUNNING"))
 
     def fail(self, err: BaseException) -> None:
         """Mark FAILED with the error's one-line message as a tag and its traceback as an artifact."""

@@ -5,23 +5,27 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from orpolab import tracking
+from orpolab import sweep_id, tracking
 from orpolab.data import DataConfig, PreferenceDataModule, prepare
 from orpolab.errors import OrpolabError
 from orpolab.files import write_json_atomic
 from orpolab.model import LoraSettings, ModelConfig, apply_lora, load_model, load_tokenizer
-from orpolab.module import OptimConfig, ORPOModule
+from orpolab.module import MethodConfig, OptimConfig, PreferenceModule
 
 log = logging.getLogger(__name__)
+sweep_id.register()
 
 
 def _struct(cls, node: DictConfig):
@@ -53,14 +57,51 @@ def job_context(cfg: DictConfig) -> dict:
             "overrides": "", "parent_run_id": None}
 
 
+def torch_threads(cfg: DictConfig) -> int:
+    """``threads``, else the machine's cores shared among the jobs a parallel launcher runs at once.
+
+    Without it, two joblib jobs on two cores each start two threads and slow each other down.
+    """
+    if cfg.get("threads"):
+        return int(cfg.threads)
+    parallel = 1
+    if HydraConfig.initialized():
+        launcher = HydraConfig.get().launcher
+        n_jobs = launcher.get("n_jobs") if "joblib" in str(launcher.get("_target_", "")) else None
+        if n_jobs and int(n_jobs) > 0:
+            parallel = int(n_jobs)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // parallel)
+
+
 def run(cfg: DictConfig) -> float | None:
     """Train one job; returns its best selection value (None for a failed job inside a sweep)."""
     ctx = job_context(cfg)
     mlcfg = cfg.logger.mlflow
     job: tracking.JobRun | None = None
+    resume = None
     try:
-        job = start_job_run(cfg, ctx)
-        best = fit(cfg, job, Path(ctx["output_dir"]))
+        previous = tracking.find_job_run(mlcfg.tracking_uri, ctx["parent_run_id"], ctx["job_num"]) \
+            if ctx["multirun"] else None
+        if previous is not None:
+            done = finished_value(previous, Path(ctx["output_dir"]))
+            if done is not None:
+                log.info("job %s finished in an earlier run of this sweep (%s); skipped", ctx["job_num"],
+                         previous.info.run_id)
+                return done
+            # Interrupted (killed, preempted) or failed before: continue the same MLflow run, from
+            # the job's last checkpoint when it has one.
+            job = tracking.JobRun(mlcfg.tracking_uri, previous.info.run_id)
+            job.reopen()
+            last = Path(ctx["output_dir"]) / "checkpoints" / "last.ckpt"
+            resume = str(last) if last.is_file() else None
+            attempts = int(previous.data.tags.get("orpolab.attempts", "1")) + 1
+            job.set_tags({"orpolab.attempts": str(attempts), "orpolab.resumed_from": resume or "start",
+                          "orpolab.error": ""})
+            log.info("job %s: resuming run %s from %s", ctx["job_num"], job.run_id, resume or "the start")
+        else:
+            job = start_job_run(cfg, ctx)
+        best = fit(cfg, job, Path(ctx["output_dir"]), resume)
     except Exception as err:
         if job is None:  # the config itself failed to resolve: still leave a FAILED run behind
             job = tracking.JobRun.start(mlcfg.tracking_uri, mlcfg.experiment_name, f"job {ctx['job_num']}",
@@ -71,8 +112,39 @@ def run(cfg: DictConfig) -> float | None:
         # A sweep goes on: the failure is on the job's MLflow run and in the closing summary.
         log.error("job %s failed: %s: %s", ctx["job_num"], type(err).__name__, err)
         return None
+    finally:
+        release_memory()
     job.finish()
     return best
+
+
+def release_memory() -> None:
+    """Between jobs of the basic launcher (one process): free the finished job's model and its cache.
+
+    ``malloc_trim`` hands the freed heap back to the OS on glibc, so the process's memory reflects
+    what the next job needs rather than the high-water mark of all earlier ones.
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
+def finished_value(previous, output_dir: Path) -> float | None:
+    """The best value of a job that already finished (run FINISHED and its result.json written)."""
+    import json
+
+    result = output_dir / "result.json"
+    if previous.info.status != "FINISHED" or not result.is_file():
+        return None
+    value = json.loads(result.read_text()).get("best_value")
+    return float(value) if value is not None else None
 
 
 def base_tags(ctx: dict) -> dict[str, str]:
@@ -88,7 +160,7 @@ def start_job_run(cfg: DictConfig, ctx: dict) -> tracking.JobRun:
     """The job's MLflow run (a child of the sweep's parent run), with params and tags."""
     mlcfg = cfg.logger.mlflow
     tags = {
-        **base_tags(ctx), "orpolab.model": str(cfg.model.name_or_path),
+        **base_tags(ctx), "orpolab.model": str(cfg.model.name_or_path), "orpolab.method": str(cfg.method.name),
         "orpolab.selection_metric": cfg.selection.metric, "orpolab.selection_mode": cfg.selection.mode,
         **tracking.reproducibility_tags(cfg.paths.root_dir),
     }
@@ -96,17 +168,22 @@ def start_job_run(cfg: DictConfig, ctx: dict) -> tracking.JobRun:
     return tracking.JobRun.start(mlcfg.tracking_uri, mlcfg.experiment_name, name, tags, tracking.flatten(cfg))
 
 
-def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path) -> float:
-    """The training proper; raises on any problem (``run`` records it)."""
+def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | None = None) -> float:
+    """The training proper; raises on any problem (``run`` records it).
+
+    ``resume``: a checkpoint to continue from (a resumed sweep job); else ``resume_from`` decides.
+    """
     from lightning.pytorch.loggers import MLFlowLogger
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    threads = torch_threads(cfg)
+    torch.set_num_threads(threads)
+    job.set_tags({"orpolab.torch_threads": str(threads)})
     model_cfg = _struct(ModelConfig, cfg.model)
     lora_cfg = _struct(LoraSettings, cfg.lora)
     optim_cfg = _struct(OptimConfig, cfg.optim)
     data_cfg = _struct(DataConfig, cfg.data)
-    if cfg.orpo.beta <= 0:
-        raise OrpolabError(f"orpo.beta must be positive, got {cfg.orpo.beta}")
+    method_cfg = _struct(MethodConfig, cfg.method)
     if optim_cfg.lr <= 0:
         raise OrpolabError(f"optim.lr must be positive, got {optim_cfg.lr}")
 
@@ -123,8 +200,7 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path) -> float:
     gradient_checkpointing = bool(trainer_cfg.pop("gradient_checkpointing", False))
     base = load_model(model_cfg, lora_cfg, gradient_checkpointing)
     model = apply_lora(base, model_cfg, lora_cfg)
-    module = ORPOModule(model, beta=float(cfg.orpo.beta), optim=optim_cfg, nll_on=cfg.orpo.nll_on,
-                          disable_dropout=cfg.orpo.disable_dropout)
+    module = PreferenceModule(model, method_cfg, optim_cfg)
     datamodule = PreferenceDataModule(data, data_cfg, tokenizer.pad_token_id, cfg.seed)
 
     from hydra.utils import instantiate
@@ -141,11 +217,15 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path) -> float:
                            "without a monitor (conf/callbacks/default.yaml has both)")
     logger = MLFlowLogger(experiment_name=cfg.logger.mlflow.experiment_name,
                           tracking_uri=cfg.logger.mlflow.tracking_uri, run_id=job.run_id, log_model=False)
-    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir))
+    from orpolab.checkpoints import AtomicCheckpointIO
 
-    ckpt_path = resolve_resume(cfg.get("resume_from"), checkpoint_dir)
+    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir),
+                          plugins=[AtomicCheckpointIO()])
+
+    ckpt_path = resume or resolve_resume(cfg.get("resume_from"), checkpoint_dir)
     if cfg.eval_before_training and ckpt_path is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)
+        job.reopen()  # Lightning's validate() ends by marking the run FINISHED; training has not started
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     if checkpoint.best_model_score is None:

@@ -1,0 +1,171 @@
+"""The method group: config composition, DPO's adapter-disabled reference and its cache, each method training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from orpolab.data import DataConfig, PairCollator, PreferenceDataModule, prepare
+from orpolab.errors import OrpolabError
+from orpolab.model import LoraSettings, ModelConfig, apply_lora, load_model, load_tokenizer
+from orpolab.module import MethodConfig, OptimConfig, PreferenceModule
+from orpolab.train import run
+
+from .conftest import RANDOM_TINY, ROOT, TINY_DIR, compose
+
+FAST = ["experiment=demo", RANDOM_TINY, "trainer.enable_progress_bar=false"]
+
+
+def test_method_group_sets_each_methods_defaults(tmp_path):
+    cfg = compose(["orpo.beta=0.2"], tmp_path)
+    assert cfg.method.name == "orpo" and cfg.method.beta == 0.2 and cfg.optim.lr == 8e-5  # orpo.* still rules ORPO
+    dpo = compose(["method=dpo"], tmp_path)
+    assert dpo.method.name == "dpo" and dpo.method.beta == 0.1 and dpo.optim.lr == 5e-6  # far below SFT's
+    assert compose(["method=dpo", "optim.lr=2e-5"], tmp_path).optim.lr == 2e-5  # the command line wins
+    simpo = compose(["method=simpo"], tmp_path)
+    assert (simpo.method.beta, simpo.method.gamma) == (2.0, 1.0)
+    assert compose(["method=sft"], tmp_path).method.name == "sft"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"name": "ipo"}, "method.name must be one of orpo, dpo, simpo, sft"),
+    ({"name": "dpo", "beta": 0.0}, "method.beta must be positive"),
+    ({"name": "orpo", "beta": -1.0}, "orpo.beta must be positive"),
+    ({"name": "dpo", "label_smoothing": 0.5}, "label_smoothing must be in"),
+])
+def test_bad_method_settings_are_clear_errors(kwargs, message):
+    with pytest.raises(OrpolabError, match=message):
+        MethodConfig(**kwargs)
+
+
+def _tiny_dpo_module(seed: int = 0):
+    model_cfg = ModelConfig(name_or_path=str(TINY_DIR / "tiny_llama"), lora_target_modules=["q_proj", "v_proj",
+                                                                                             "up_proj"])
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0)
+    tokenizer = load_tokenizer(model_cfg)
+    model = apply_lora(load_model(model_cfg, lora), model_cfg, lora)
+    # A trained adapter, in effect: LoRA's B starts at zero, so perturb it or disabling would change nothing.
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    module = PreferenceModule(model, MethodConfig(name="dpo"), OptimConfig())
+    data_cfg = DataConfig(path=str(ROOT / "data" / "sample" / "train.jsonl"),
+                          eval_path=str(ROOT / "data" / "sample" / "eval.jsonl"), max_train_rows=24,
+                          max_eval_rows=8, batch_size=4, eval_batch_size=8,
+                          cache_dir=str(ROOT / ".cache" / "tokenized"))
+    data = prepare(data_cfg, tokenizer)
+    return module, model_cfg, data, data_cfg, tokenizer
+
+
+def _independent_logps(model, batch) -> torch.Tensor:
+    """Summed completion log-probs, written out in float64 from the raw logits (not through orpolab.losses)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    logp = torch.log_softmax(logits[:, :-1], -1)
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+def test_dpo_reference_is_the_base_model_exactly(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    module, model_cfg, data, _, tokenizer = _tiny_dpo_module()
+    batch = PairCollator(tokenizer.pad_token_id)(data.train[:4])
+    ref = module.reference_logps(batch)
+    base = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_sum = PreferenceModule(base, MethodConfig(name="sft"), OptimConfig())._forward(batch)["sum_logps"]
+        adapted = module._forward(batch)["sum_logps"]
+    # Bit for bit: the disabled adapter runs exactly the base layers.
+    assert torch.equal(ref, base_sum)
+    # And the same numbers as an independent float64 computation, within float32 rounding.
+    torch.testing.assert_close(ref.double(), _independent_logps(base, batch), rtol=1e-5, atol=1e-4)
+    assert (adapted - ref).abs().max() > 1.0  # the adapter is live, and disabled for the reference only
+    assert module.model.training  # switched back to training mode afterwards
+
+
+def test_cached_reference_equals_freshly_computed(tiny_models):
+    module, _, data, data_cfg, tokenizer = _tiny_dpo_module(seed=1)
+    dm = PreferenceDataModule(data, data_cfg, tokenizer.pad_token_id, seed=3)
+    cache = module.compute_reference_cache(dm.reference_dataloader("train"))
+    assert cache.shape == (len(data.train), 2) and torch.isfinite(cache).all()
+    # Fresh, in the shuffled training batches (other companions, other padding lengths).
+    for batch in dm.train_dataloader():
+        fresh = module.reference_logps(batch)
+        n = fresh.shape[0] // 2
+        idx = batch["index"]
+        # Equal up to float32 rounding (a few ulps of sums in the hundreds): padding changes summation order.
+        torch.testing.assert_close(cache[idx, 0], fresh[:n], rtol=1e-6, atol=0)
+        torch.testing.assert_close(cache[idx, 1], fresh[n:], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("method,metrics", [
+    ("dpo", ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen")),
+    ("simpo", ("rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/rejected")),
+    ("sft", ("nll_loss", "logps/chosen", "logps/rejected")),
+])
+def test_each_method_trains_and_logs_its_metrics(tiny_models, tracking_uri, tmp_path, method, metrics):
+    best = run(compose(FAST + [f"method={method}", "optim.lr=2e-3", "trainer.max_steps=12",
+                               "trainer.val_check_interval=6"], tmp_path / "job"))
+    r = MlflowClient(tracking_uri).search_runs(["1"])[0]
+    assert r.info.status == "FINISHED" and math.isfinite(best)
+    assert r.data.tags["orpolab.method"] == method and r.data.params["method.name"] == method
+    c = MlflowClient(tracking_uri)
+    for key in metrics:
+        values = [m.value for m in c.get_metric_history(r.info.run_id, f"train/{key}")]
+        assert values and all(math.isfinite(v) for v in values), key
+    if method == "sft":
+        bpb = [m.value for m in c.get_metric_history(r.info.run_id, "val/chosen_bpb")]
+        assert bpb[-1] < 0.9 * bpb[0], bpb  # exactly what SFT minimises
+    else:
+        # Preference methods widen the held-out reward margin (DPO may lower the chosen likelihood
+        # while doing so, a known trait of DPO, so bits per byte is not asserted for them).
+        margins = [m.value for m in c.get_metric_history(r.info.run_id, "val/rewards/margins")]
+        assert margins[-1] > margins[0] + 0.01, margins
+    if method == "dpo":
+        # Before the first step the policy is the reference (LoRA's B is zero): DPO's loss is exactly ln 2.
+        val = c.get_metric_history(r.info.run_id, "val/loss")
+        assert val[0].step == 0 and val[0].value == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_mixed_method_sweep_exports_each_methods_best_and_reports_them_against_base(method_sweep):
+    import json
+
+    from orpolab import llamacpp
+
+    sweep_dir = method_sweep["dir"]
+    export = json.loads((sweep_dir / "export" / "export.json").read_text())
+    methods = ["orpo", "dpo", "simpo", "sft"]
+    assert export["passed"] and list(export["winners"]) == methods
+    assert len({w["run_id"] for w in export["winners"].values()}) == 4
+    for label in methods:
+        w = export["winners"][label]
+        assert w["method"] == label and w["metric"] == "val/chosen_bpb"
+        gguf = sweep_dir / "export" / "gguf" / f"{label}-Q4_K_M.gguf"
+        assert gguf.is_file() and f"orpolab {label} winner" in llamacpp.gguf_metadata(gguf)["general.name"]
+    assert {c["model"] for c in export["verification"]} == set(methods)
+    assert (sweep_dir / "export" / "gguf" / "base-Q4_K_M.gguf").is_file()
+
+    # Every model answered and was judged; each trained model is compared with the base.
+    out = sweep_dir / "evaluation"
+    results = json.loads((out / "results.json").read_text())
+    assert results["models_order"] == ["base", *methods]
+    for label in ["base", *methods]:
+        assert len((out / f"answers-{label}.jsonl").read_text().splitlines()) == 6
+        assert results["models"][label]["accuracy"]["n"] == 6
+    verdicts = (out / "verdicts-RESPONSE_CORRECTNESS_5POINT.jsonl").read_text().splitlines()
+    assert len(verdicts) == 5 * 6
+    assert set(results["metrics"]["RESPONSE_CORRECTNESS_5POINT"]["paired"]) == set(methods)
+    assert set(results["accuracy_paired"]) == set(methods)
+
+    text = method_sweep["report"].read_text()
+    assert "## Method comparison" in text and str(sweep_dir.name) in text
+    for label in methods:
+        assert f"| {label} | {label} |" in text  # its row in the method comparison
+    assert "| prompt | base | orpo | dpo | simpo | sft | best |" in text
