@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -180,3 +181,31 @@ def test_sequential_jobs_release_their_models(tiny_models, tracking_uri, tmp_pat
     # Every job's model is gone once the job returns, and memory does not grow job after job.
     assert out["released"] == [True] * 5
     assert out["rss_mib"][-1] - out["rss_mib"][1] < 20, out["rss_mib"]  # measured here: +1.4 MiB over 4 jobs
+
+
+def test_ddp_with_two_cpu_processes_trains_one_job_with_one_run(tiny_models, tracking_uri, tmp_path):
+    proc = run_train(["experiment=demo", RANDOM_TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                      "trainer.max_steps=10", "trainer.val_check_interval=5", "trainer.log_every_n_steps=1",
+                      "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = MlflowClient(tracking_uri).search_runs(["1"])
+    assert len(runs) == 1  # rank 1 trained too, but only rank 0 talks to MLflow
+    r = runs[0]
+    assert r.info.status == "FINISHED" and r.data.tags["orpolab.world_size"] == "2"
+    assert sorted(losses(tracking_uri, r.info.run_id)) == list(range(10))
+    bpb = losses(tracking_uri, r.info.run_id, "val/chosen_bpb")
+    assert sorted(bpb) == [0, 4, 9] and bpb[9] < bpb[0]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_submitit_local_runs_the_sweep_and_the_post_hook_as_its_own_job(tiny_models, tracking_uri, tmp_path):
+    proc = run_train(["-m", "experiment=demo", RANDOM_TINY, "trainer.max_steps=6", "trainer.val_check_interval=3",
+                      "trainer.enable_progress_bar=false", "orpo.beta=0.05,0.1", "hydra/launcher=submitit_local",
+                      "evaluation.enabled=false", "export.include_base=false", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 job(s) finished, 0 failed" in proc.stdout
+    assert "submitted as local job" in proc.stdout and "finished." in proc.stdout
+    # The export ran inside the submitted job (its log is there), and wrote the verified GGUFs.
+    logs = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit" / "post").glob("*_log.out"))
+    assert "verification (GGUF vs merged PyTorch model" in logs
+    assert json.loads((tmp_path / "sweep" / "export" / "export.json").read_text())["passed"]

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from .conftest import RANDOM_TINY, run_train
 
-QUICK = ["experiment=demo", RANDOM_TINY, "trainer.max_steps=6", "trainer.val_check_interval=3",
+QUICK = ["experiment=demo", RANDOM_TINY, "trainer.max_steps=6", "trainer.val_check_interval=3", "export.enabled=false",
          "trainer.enable_progress_bar=false"]
 
 

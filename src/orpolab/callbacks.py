@@ -12,7 +12,7 @@ from typing import Any
 from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from orpolab import sweep_id, tracking
 
@@ -63,13 +63,70 @@ class SweepCallback(Callback):
         if not summary["finished"]:
             print("No job finished: nothing to export.", flush=True)
             return
-        exported = run_stage("Export", "Exporting the winner (merge, GGUF, quantize, verify)", "orpolab.export",
-                             [sweep_dir, "--tracking-uri", uri, "--experiment", name],
-                             f"rerun it with: python -m orpolab.export {sweep_dir}")
-        if exported and config.get("evaluation") and config.evaluation.enabled:
-            run_stage("Evaluation", "Evaluating winner vs base on the CPU (answers, judge, report)", "orpolab.evaluate",
-                      [sweep_dir, "--tracking-uri", uri, "--report-dir", str(config.paths.report_dir)],
-                      f"it resumes where it stopped with: python -m orpolab.evaluate {sweep_dir}")
+        stages = [("Export", "Exporting the winner (merge, GGUF, quantize, verify)", "orpolab.export",
+                   [sweep_dir, "--tracking-uri", uri, "--experiment", name],
+                   f"rerun it with: python -m orpolab.export {sweep_dir}")]
+        if config.get("evaluation") and config.evaluation.enabled:
+            stages.append(("Evaluation", "Evaluating winner vs base on the CPU (answers, judge, report)",
+                           "orpolab.evaluate",
+                           [sweep_dir, "--tracking-uri", uri, "--report-dir", str(config.paths.report_dir)],
+                           f"it resumes where it stopped with: python -m orpolab.evaluate {sweep_dir}"))
+        launcher = str(config.hydra.launcher.get("_target_", ""))
+        if "submitit" in launcher:
+            submit_post_stages(config, stages, sweep_dir)
+        elif "RayLauncher" in launcher:
+            ray_post_stages(config, stages)
+        else:
+            run_post_stages(stages)
+
+
+def run_post_stages(stages: list[tuple]) -> bool:
+    """Export, then evaluation (only if the export worked), each in its own process."""
+    for stage in stages:
+        if not run_stage(*stage):
+            return False
+    return True
+
+
+def submit_post_stages(config: DictConfig, stages: list[tuple], sweep_dir: str) -> None:
+    """On a submitit launcher the heavy stages (merge, GGUF, judge) are a job of their own.
+
+    Not the login node that submitted the sweep: the job gets the sweep's own resources (same
+    partition, GPUs, memory, time limit). A local submitit sweep waits for it; a Slurm one
+    prints the job id and returns.
+    """
+    import submitit
+
+    launcher = config.hydra.launcher
+    cluster = "local" if "LocalLauncher" in str(launcher._target_) else "slurm"
+    folder = Path(sweep_dir) / ".submitit" / "post"
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params = {k: launcher[k] for k in ("timeout_min", "cpus_per_task", "gpus_per_node", "mem_gb")
+              if launcher.get(k) is not None}
+    if cluster == "slurm":
+        params.update({f"slurm_{k}": launcher[k] for k in ("partition", "qos", "account", "constraint", "gres",
+                                                           "additional_parameters", "setup")
+                       if launcher.get(k)})
+    executor.update_parameters(name="orpolab-post-sweep", tasks_per_node=1, nodes=1, **params)
+    job = executor.submit(run_post_stages, stages)
+    print(f"\nPost-sweep stages (export, evaluation) submitted as {cluster} job {job.job_id}; "
+          f"logs in {folder}", flush=True)
+    if cluster == "local":
+        ok = job.result()
+        print(f"Post-sweep job {job.job_id} {'finished' if ok else 'failed; see its logs'}.", flush=True)
+
+
+def ray_post_stages(config: DictConfig, stages: list[tuple]) -> None:
+    """On a Ray cluster the heavy stages run as one Ray task with the jobs' resources (untested here)."""
+    import ray
+
+    ray_cfg = config.hydra.launcher.ray
+    if not ray.is_initialized():
+        ray.init(**OmegaConf.to_container(ray_cfg.init, resolve=True))
+    remote = ray.remote(run_post_stages).options(**OmegaConf.to_container(ray_cfg.remote, resolve=True))
+    print("\nPost-sweep stages (export, evaluation) submitted as a Ray task ...", flush=True)
+    ok = ray.get(remote.remote(stages))
+    print(f"Post-sweep task {'finished' if ok else 'failed'}.", flush=True)
 
 
 def pin_sweep_dir(config: DictConfig) -> str:

@@ -54,6 +54,9 @@ class DataConfig:
     fallback_chat_template: str | None = None
     batch_size: int = 8
     eval_batch_size: int = 16
+    # Batches of similar length (shuffled groups of 50 batches, sorted within): less padding, as
+    # Hugging Face's group_by_length / TRL's train_sampling_strategy="group_by_length".
+    group_by_length: bool = True
     cache_dir: str = ".cache/tokenized"
     num_workers: int = 0
 
@@ -404,8 +407,10 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
     exactly those. ``len`` stays the full epoch, because Lightning counts the batches already done.
     """
 
-    def __init__(self, num_samples: int, seed: int):
+    def __init__(self, num_samples: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1,
+                 megabatch: int = 50):
         self.num_samples, self.seed = num_samples, seed
+        self.lengths, self.batch_size, self.megabatch = lengths, batch_size, megabatch
         self.epoch = 0
         self.resume_epoch: int | None = None
         self.resume_offset = 0
@@ -414,7 +419,13 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         self.epoch = epoch
 
     def order(self, epoch: int) -> list[int]:
-        return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        """The epoch's order; with lengths, shuffled groups of ``megabatch`` batches sorted longest first."""
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        if not self.lengths:
+            return order
+        size = self.batch_size * self.megabatch
+        groups = [sorted(order[i: i + size], key=lambda j: -self.lengths[j]) for i in range(0, len(order), size)]
+        return [j for group in groups for j in group]
 
     def __len__(self) -> int:
         return self.num_samples
@@ -436,7 +447,9 @@ class PreferenceDataModule(L.LightningDataModule):
         super().__init__()
         self.data, self.cfg, self.seed = data, cfg, seed
         self.collate = PairCollator(pad_token_id)
-        self.sampler = ResumableSampler(len(data.train), seed)
+        lengths = [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in data.train]
+        self.sampler = ResumableSampler(len(data.train), seed, lengths if cfg.group_by_length else None,
+                                        cfg.batch_size)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(IndexedPairs(self.data.train), batch_size=self.cfg.batch_size, sampler=self.sampler,

@@ -95,6 +95,38 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 
     return logps * mask
 
 
+def selected_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of ``targets`` from hidden states, through the output layer, in chunks.
+
+    ``hidden`` (N, H) holds only the positions whose next-token log-probability is needed
+    (completion tokens, and prompt tokens for a full-sequence NLL); ``weight`` (V, H) is the output
+    layer. Equal to ``log_softmax(hidden @ weight.T)[targets]`` in float32, but never builds the
+    (positions x vocabulary) logits of padding or of prompts that no term uses, and keeps one
+    float32 copy of the selected logits instead of logits + float copy + log-softmax: with
+    Llama-3's 128k vocabulary that output layer is most of a small model's cost.
+
+    Returns the log-probabilities (N,) and, without gradient, each row's mean logit (N,), which
+    is TRL's ``logits/*`` metric.
+    """
+    logps, mean_logits = [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h = hidden[start: start + chunk_size]
+        logits = F.linear(h, weight, bias).float()
+        t = targets[start: start + chunk_size]
+        logps.append(logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1))
+        mean_logits.append(logits.detach().mean(-1))
+    if not logps:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(logps), torch.cat(mean_logits)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-row mean of ``values`` over ``mask`` (rows with an empty mask give 0, not NaN)."""
     mask = mask.to(values.dtype)

@@ -31,6 +31,9 @@ class ModelConfig:
     attn_implementation: str | None = "sdpa"
     revision: str | None = None
     trust_remote_code: bool = False
+    # Log-probs straight from the hidden states of the positions a loss uses, through the output
+    # layer in chunks of this many positions (0: full-vocabulary logits everywhere, as TRL does).
+    logps_chunk_size: int = 1024
 
 
 @dataclass

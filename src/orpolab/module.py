@@ -19,7 +19,15 @@ import torch
 from torchmetrics.aggregation import SumMetric
 
 from orpolab.errors import OrpolabError
-from orpolab.losses import dpo_loss, masked_mean, orpo_loss, sft_loss, simpo_loss, token_logps
+from orpolab.losses import (
+    dpo_loss,
+    masked_mean,
+    orpo_loss,
+    selected_token_logps,
+    sft_loss,
+    simpo_loss,
+    token_logps,
+)
 
 METHODS = ("orpo", "dpo", "simpo", "sft")
 
@@ -71,8 +79,9 @@ class OptimConfig:
 class PreferenceModule(L.LightningModule):
     """Trains only the adapter; checkpoints hold adapter and optimizer state, not the base weights."""
 
-    def __init__(self, model: torch.nn.Module, method: MethodConfig, optim: OptimConfig):
+    def __init__(self, model: torch.nn.Module, method: MethodConfig, optim: OptimConfig, logps_chunk_size: int = 1024):
         super().__init__()
+        self.logps_chunk_size = logps_chunk_size
         if optim.lr <= 0:
             raise OrpolabError(f"optim.lr must be positive, got {optim.lr}")
         self.model, self.method, self.optim = model, method, optim
@@ -97,20 +106,53 @@ class PreferenceModule(L.LightningModule):
 
     # ------------------------------------------------------------ forward
 
+    def _backbone_and_head(self) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+        """The decoder and a plain linear output layer, when the fast log-prob path applies.
+
+        Not for output layers that are adapted, quantized, or followed by a logit scale or
+        soft-capping (Gemma-2, Cohere): those keep the model's own forward.
+        """
+        if not self.logps_chunk_size:
+            return None
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        config = getattr(base, "config", None)
+        if (type(head) is not torch.nn.Linear or not hasattr(base, "get_decoder")
+                or getattr(config, "final_logit_softcapping", None)
+                or getattr(config, "logit_scale", None) not in (None, 1, 1.0)):
+            return None
+        return base.get_decoder(), head
+
     def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         input_ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         n = input_ids.shape[0] // 2
-        logits = self.model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
         # Next-token log-probs of every real token; the completion mask then selects answers.
         targets = torch.where(attention.bool(), input_ids, torch.full_like(input_ids, -100))
-        logps = token_logps(logits, targets)
         completion = labels[:, 1:] != -100
-        seq_mean = masked_mean(logps, completion)
         nll_on = self.method.nll_on if self.method.name == "orpo" else "completion"
         nll_mask = (targets[:n, 1:] != -100) if nll_on == "full" else completion[:n]
+        parts = self._backbone_and_head()
+        if parts is None:
+            logits = self.model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
+            logps = token_logps(logits, targets)
+            with torch.no_grad():
+                # Logits at position t predict token t+1: align them with the completion mask.
+                vocab_mean = logits.detach().float().mean(-1)[:, :-1]
+        else:
+            # Only the positions some term uses: completions, plus the chosen prompts for a full NLL.
+            # Padding and the rejected prompts never reach the (vocabulary-sized) output layer.
+            backbone, head = parts
+            need = completion.clone()
+            need[:n] |= nll_mask
+            hidden = backbone(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
+            selected, selected_mean = selected_token_logps(hidden[:, :-1][need], head.weight, targets[:, 1:][need],
+                                                           head.bias, self.logps_chunk_size)
+            zeros = torch.zeros(need.shape, dtype=torch.float32, device=hidden.device)
+            logps = zeros.masked_scatter(need, selected)
+            vocab_mean = zeros.masked_scatter(need, selected_mean)
+        seq_mean = masked_mean(logps, completion)
         chosen_nll = -(logps[:n] * nll_mask).sum() / nll_mask.sum().clamp(min=1)
         with torch.no_grad():
-            vocab_mean = logits.detach().float().mean(-1)[:, 1:]
             mean_logits = masked_mean(vocab_mean, completion)
         return {
             "mean_logps": seq_mean, "sum_logps": (logps * completion).sum(-1), "chosen_nll": chosen_nll,
@@ -196,8 +238,9 @@ class PreferenceModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, metrics, out = self._loss(batch, "val")
         n = batch["input_ids"].shape[0] // 2
-        self.log("val/loss", loss, batch_size=n)
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=n)
+        # sync_dist: averaged over the ranks of a multi-device job (a no-op on one device).
+        self.log("val/loss", loss, batch_size=n, sync_dist=True)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=n, sync_dist=True)
         self.val_nats.update(out["chosen_sum_nats"].sum())
         self.val_bytes.update(batch["answer_bytes"][:n].sum().to(torch.float64))
         self.val_correct.update((out["chosen_logps"] > out["rejected_logps"]).sum().to(torch.float64))
@@ -207,8 +250,9 @@ class PreferenceModule(L.LightningModule):
         # Tokenizer-independent: total NLL of the chosen answers in bits over their UTF-8 bytes.
         bpb = self.val_nats.compute() / math.log(2.0) / self.val_bytes.compute()
         accuracy = self.val_correct.compute() / self.val_pairs.compute()
-        self.log("val/chosen_bpb", bpb.float(), prog_bar=True)
-        self.log("val/pref_accuracy", accuracy.float(), prog_bar=True)
+        # The sums are already totals over all ranks (torchmetrics syncs them in compute()).
+        self.log("val/chosen_bpb", bpb.float(), prog_bar=True, sync_dist=True)
+        self.log("val/pref_accuracy", accuracy.float(), prog_bar=True, sync_dist=True)
 
     # ------------------------------------------------------------ optimisation
 

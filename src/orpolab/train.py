@@ -38,7 +38,7 @@ def _struct(cls, node: DictConfig):
     return cls(**values)
 
 
-def job_context(cfg: DictConfig) -> dict:
+def job_context(cfg: DictConfig, create_parent: bool = True) -> dict:
     """Where this job writes and how it sits in a sweep (works with and without Hydra's runtime)."""
     if HydraConfig.initialized():
         hc = HydraConfig.get()
@@ -51,7 +51,7 @@ def job_context(cfg: DictConfig) -> dict:
             "overrides": " ".join(hc.overrides.task),
             "parent_run_id": tracking.ensure_sweep_run(
                 cfg.logger.mlflow.tracking_uri, cfg.logger.mlflow.experiment_name,
-                str(Path(hc.sweep.dir).resolve()), list(hc.overrides.task)) if multirun else None,
+                str(Path(hc.sweep.dir).resolve()), list(hc.overrides.task)) if multirun and create_parent else None,
         }
     return {"output_dir": cfg.paths.output_dir, "multirun": False, "sweep_dir": None, "job_num": "0",
             "overrides": "", "parent_run_id": None}
@@ -74,8 +74,31 @@ def torch_threads(cfg: DictConfig) -> int:
     return max(1, cores // parallel)
 
 
+def global_rank() -> int:
+    """This process's rank in a multi-process job (0 when there is only one process).
+
+    Lightning's DDP launcher starts ranks 1..N-1 by re-running the command with ``LOCAL_RANK``
+    set; torchrun and Slurm set ``RANK``. Only rank 0 creates and writes the job's MLflow run.
+    """
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+class NullJob:
+    """Stands in for the MLflow run on ranks other than 0, where Lightning's logger is silent too."""
+
+    run_id = None
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
 def run(cfg: DictConfig) -> float | None:
     """Train one job; returns its best selection value (None for a failed job inside a sweep)."""
+    if global_rank() != 0:
+        return fit(cfg, NullJob(), Path(job_context(cfg, create_parent=False)["output_dir"]))
     ctx = job_context(cfg)
     mlcfg = cfg.logger.mlflow
     job: tracking.JobRun | None = None
@@ -200,7 +223,7 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
     gradient_checkpointing = bool(trainer_cfg.pop("gradient_checkpointing", False))
     base = load_model(model_cfg, lora_cfg, gradient_checkpointing)
     model = apply_lora(base, model_cfg, lora_cfg)
-    module = PreferenceModule(model, method_cfg, optim_cfg)
+    module = PreferenceModule(model, method_cfg, optim_cfg, logps_chunk_size=model_cfg.logps_chunk_size)
     datamodule = PreferenceDataModule(data, data_cfg, tokenizer.pad_token_id, cfg.seed)
 
     from hydra.utils import instantiate
@@ -222,6 +245,7 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
     trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir),
                           plugins=[AtomicCheckpointIO()])
 
+    job.set_tags({"orpolab.world_size": str(trainer.world_size)})
     ckpt_path = resume or resolve_resume(cfg.get("resume_from"), checkpoint_dir)
     if cfg.eval_before_training and ckpt_path is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -242,7 +266,8 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
         "global_step": trainer.global_step, "model": model_cfg.name_or_path, "data_hash": data.data_hash,
     }
     job.set_tags({"orpolab.best_checkpoint": checkpoint.best_model_path})
-    write_json_atomic(output_dir / "result.json", result)
+    if trainer.is_global_zero:
+        write_json_atomic(output_dir / "result.json", result)
     return best
 
 
