@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 # multimodal part is not needed. GPU users may add -DGGML_CUDA=on.
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: setup tiny-models warm-up demo demo-methods test lint mlflow-ui clean
+.PHONY: setup tiny-models warm-up demo demo-methods test bench lint mlflow-ui clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,11 +34,17 @@ demo: warm-up
 demo-methods: warm-up
 	$(BIN)/python train.py -m experiment=demo method=orpo,dpo,simpo,sft
 
+# Writes BENCHMARKS.md: training vs TRL (~15 min), CPU inference (~10 min), judge throughput (~20 min).
+bench: tiny-models
+	$(BIN)/python bench/train_vs_trl.py
+	$(BIN)/python bench/cpu_inference.py
+	$(BIN)/python bench/judge_throughput.py
+
 test: tiny-models
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests train.py
+	$(BIN)/ruff check src tests bench train.py
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db

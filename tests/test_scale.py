@@ -72,6 +72,9 @@ def test_killed_sweep_resumes_with_one_run_per_job_and_the_same_losses(tiny_mode
     assert after["1"].data.tags["orpolab.resumed_from"].endswith("last.ckpt")
     resumed = losses(tracking_uri, after["1"].info.run_id)
     assert sorted(resumed) == list(range(90))  # continuous history, steps 0..89
+    # Only the configured checkpoints are kept (best + last), and no temporary file survived the kill.
+    ckpts = sorted(p.name for p in (sweeps[0] / "1" / "checkpoints").iterdir())
+    assert len(ckpts) == 2 and ckpts[1] == "last.ckpt" and ckpts[0].startswith("best-step"), ckpts
 
     # The same job, uninterrupted (in-process, same seed and config): the same loss at every step.
     from orpolab.train import run

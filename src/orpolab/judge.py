@@ -9,7 +9,6 @@ bounded in length, so flow-judge's parser always finds a verdict (any failure is
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +81,7 @@ class LlamaCppFlowJudge(BaseFlowJudgeModel):
         max_tokens = max(max_tokens, max_feedback_chars + TAG_TOKENS)
         super().__init__(model_id=name or gguf.name, model_type="llama_cpp",
                          generation_params={"temperature": 0.0, "max_tokens": max_tokens})
-        self.llm = open_gguf(gguf, n_ctx, threads or os.cpu_count())
+        self.llm = open_gguf(gguf, n_ctx, threads)
         self.grammar = LlamaGrammar.from_string(verdict_grammar(scores, max_feedback_chars), verbose=False)
         self.max_tokens, self.n_ctx = max_tokens, n_ctx
         self.prompt_too_long = 0

@@ -23,6 +23,8 @@ from orpolab.errors import OrpolabError
 
 QUANT_TYPES = ("F16", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0")
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
+# Vocabulary-only GGUFs of real tokenizers from llama.cpp's test models (the benchmarks count real prompt tokens).
+VOCAB_FILES = ("models/ggml-vocab-phi-3.gguf", "models/ggml-vocab-llama-bpe.gguf")
 
 
 def installed_version() -> str:
@@ -36,7 +38,7 @@ def converter_dir(cache_dir: str | Path) -> Path:
     """Folder holding llama.cpp's converter of the installed version, fetched on first use."""
     version = installed_version()
     target = Path(cache_dir) / f"llama.cpp-{version}"
-    if all((target / part).exists() for part in CONVERTER_PARTS):
+    if all((target / part).exists() for part in CONVERTER_PARTS + VOCAB_FILES):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -55,7 +57,8 @@ def converter_dir(cache_dir: str | Path) -> Path:
         staging = Path(tmp) / "llama.cpp"
         with tarfile.open(archives[0]) as tar:
             members = [m for m in tar.getmembers()
-                       if m.name.startswith(prefix) and m.name[len(prefix):].split("/")[0] in CONVERTER_PARTS]
+                       if m.name.startswith(prefix) and (m.name[len(prefix):].split("/")[0] in CONVERTER_PARTS
+                                                         or m.name[len(prefix):] in VOCAB_FILES)]
             for m in members:
                 m.name = m.name[len(prefix):]
             tar.extractall(staging, members=members, filter="data")
@@ -148,7 +151,14 @@ def open_gguf(path: Path, n_ctx: int, threads: int | None = None, what: str = "G
     from llama_cpp import Llama
 
     path = check_gguf(path, what)
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(), verbose=False, **kwargs)
+    threads = threads or available_cores()
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
+                 **kwargs)
+
+
+def available_cores() -> int:
+    """The cores this process may use (a container's or Slurm's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def write_added_tokens_decoder(folder: Path, tokenizer) -> None:

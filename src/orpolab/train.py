@@ -229,6 +229,8 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
     from hydra.utils import instantiate
 
     checkpoint_dir = output_dir / "checkpoints"
+    for stale in checkpoint_dir.glob(".*.tmp-*"):  # a save cut short by a kill: never a checkpoint
+        stale.unlink(missing_ok=True)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
     checkpoints = [c for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint)]
     for cb in checkpoints:
