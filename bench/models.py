@@ -26,14 +26,15 @@ SHAPES = {
 }
 
 
-def build_hf(shape: str, out: Path, dtype: str = "bfloat16") -> Path:
-    """A random model with the shape's config, saved with the family's tiny tokenizer and chat template."""
+def build_hf(shape: str | dict, out: Path, dtype: str = "bfloat16") -> Path:
+    """A random model with the shape's config (a name in SHAPES or its fields), saved with the family's
+    tiny tokenizer and chat template."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
     from orpolab import tiny
 
-    spec = dict(SHAPES[shape])
+    spec = dict(SHAPES[shape] if isinstance(shape, str) else shape)
     family = spec.pop("family")
     src = ROOT / ".cache" / "tiny_models" / f"tiny_{family}"
     if not tiny.is_current(src):

@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import DEFAULT_OUT, ROOT, fmt, peak_rss_mib, summary, write_section
+from common import DEFAULT_OUT, fmt, peak_rss_mib, summary, write_section
 
 
 @dataclass
@@ -72,25 +72,12 @@ BETA, LR, SEED = 0.1, 8e-5, 0
 
 def build_model(preset: Preset, out: Path) -> Path:
     """A random Llama with the preset's shapes and the tiny Llama's tokenizer (ids are what matter)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from models import build_hf
 
-    from orpolab import tiny
-
-    src = ROOT / ".cache" / "tiny_models" / "tiny_llama"
-    if not tiny.is_current(src):
-        tiny.build("llama", src, ROOT / "data" / "sample")
-    tok = AutoTokenizer.from_pretrained(src)
-    cfg = LlamaConfig(vocab_size=preset.vocab_size, hidden_size=preset.hidden_size,
-                      num_hidden_layers=preset.num_hidden_layers, num_attention_heads=preset.num_attention_heads,
-                      num_key_value_heads=preset.num_key_value_heads, intermediate_size=preset.intermediate_size,
-                      max_position_embeddings=max(2048, preset.max_length), tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      rope_theta=500000.0)
-    torch.manual_seed(SEED)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    shape = {"family": "llama", "tie_word_embeddings": True,
+             **{k: getattr(preset, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                "num_attention_heads", "num_key_value_heads", "intermediate_size")}}
+    return build_hf(shape, out, dtype="float32")
 
 
 def make_pairs(preset: Preset, tokenizer) -> list[dict]:
