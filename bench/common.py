@@ -33,7 +33,9 @@ def cpu_name() -> str:
 
 
 def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from orpolab.machine import available_cores
+
+    return available_cores()
 
 
 def machine() -> str:

@@ -9,12 +9,12 @@ answer token by token. ``/reset`` clears the conversation; ``/exit`` or Ctrl-D l
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from orpolab.errors import OrpolabError
 from orpolab.llamacpp import open_gguf
+from orpolab.machine import available_cores
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ctx", type=int, default=2048)
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)))
+    parser.add_argument("--threads", type=int, default=available_cores())
     args = parser.parse_args(argv)
     try:
         llm = open_gguf(Path(args.gguf), args.ctx, args.threads)

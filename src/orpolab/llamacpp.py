@@ -20,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from orpolab.errors import OrpolabError
+from orpolab.machine import available_cores
 
 QUANT_TYPES = ("F16", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0")
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
@@ -103,7 +104,7 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> Pa
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype(quant)
-    params.nthread = threads or (os.cpu_count() or 1)
+    params.nthread = threads or available_cores()
     tmp = dst.with_name(f".{dst.name}.partial")
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0 or not tmp.exists():
@@ -155,10 +156,6 @@ def open_gguf(path: Path, n_ctx: int, threads: int | None = None, what: str = "G
     return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
                  **kwargs)
 
-
-def available_cores() -> int:
-    """The cores this process may use (a container's or Slurm's CPU set, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def write_added_tokens_decoder(folder: Path, tokenizer) -> None:

@@ -21,6 +21,7 @@ from orpolab import sweep_id, tracking
 from orpolab.data import DataConfig, PreferenceDataModule, prepare
 from orpolab.errors import OrpolabError
 from orpolab.files import write_json_atomic
+from orpolab.machine import available_cores
 from orpolab.model import LoraSettings, ModelConfig, apply_lora, load_model, load_tokenizer
 from orpolab.module import MethodConfig, OptimConfig, PreferenceModule
 
@@ -70,8 +71,7 @@ def torch_threads(cfg: DictConfig) -> int:
         n_jobs = launcher.get("n_jobs") if "joblib" in str(launcher.get("_target_", "")) else None
         if n_jobs and int(n_jobs) > 0:
             parallel = int(n_jobs)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // parallel)
+    return max(1, available_cores() // parallel)
 
 
 def global_rank() -> int:
