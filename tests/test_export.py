@@ -22,7 +22,7 @@ from orpolab import merge as merge_mod
 from orpolab.errors import OrpolabError
 from orpolab.merge import build_adapted, check_memory, load_adapter_state, merge
 from orpolab.model import LoraSettings, ModelConfig
-from orpolab.select import Candidate, rank, select_winner, sweep_parent
+from orpolab.select import Candidate, rank, select_winners, sweep_parent
 from orpolab.verify import VerifyConfig, verify_gguf
 
 from .conftest import RANDOM_TINY, ROOT, TINY_DIR, compose
@@ -207,8 +207,8 @@ def test_select_winner_logs_ranking_on_the_parent_run(tracking_uri, tmp_path):
     sweep_dir = _fake_sweep(tracking_uri, tmp_path, [(0, "FINISHED", 2.0), (1, "FINISHED", 1.2),
                                                      (2, "FINISHED", 1.2), (3, "FAILED", 0.1)])
     parent = sweep_parent(tracking_uri, "orpolab", sweep_dir)
-    winner = select_winner(tracking_uri, parent, "val/chosen_bpb", "min")
-    assert winner.job_num == 1
+    winners = select_winners(tracking_uri, parent, "val/chosen_bpb", "min")
+    assert list(winners) == ["winner"] and winners["winner"].job_num == 1  # one method: one winner
     parent = MlflowClient(tracking_uri).get_run(parent.info.run_id)
     assert parent.data.tags["orpolab.winner_job"] == "1"
     path = MlflowClient(tracking_uri).download_artifacts(parent.info.run_id, "selection/ranking.json")
@@ -218,7 +218,6 @@ def test_select_winner_logs_ranking_on_the_parent_run(tracking_uri, tmp_path):
 
 
 def test_a_mixed_method_sweep_has_one_winner_per_method(tracking_uri, tmp_path):
-    from orpolab.select import select_winners
 
     sweep_dir = _fake_sweep(tracking_uri, tmp_path, [
         (0, "FINISHED", 2.0, "orpo"), (1, "FINISHED", 1.5, "dpo"), (2, "FINISHED", 0.9, "sft"),

@@ -130,12 +130,3 @@ def select_winners(tracking_uri: str, parent, metric: str | None = None, mode: s
             key = f"winner/{metric}" if label == "winner" else f"winner/{label}/{metric}"
             job.log_metrics({key: w.value})
     return winners
-
-
-def select_winner(tracking_uri: str, parent, metric: str | None = None, mode: str | None = None,
-                  log_to_parent: bool = True) -> Candidate:
-    """The single winner of a one-method sweep (of a mixed sweep: the best of the methods' winners)."""
-    winners = select_winners(tracking_uri, parent, metric, mode, log_to_parent)
-    if "winner" in winners:
-        return winners["winner"]
-    return rank(list(winners.values()), mode or next(iter(winners.values())).mode)[0]
