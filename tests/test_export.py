@@ -218,7 +218,6 @@ def test_select_winner_logs_ranking_on_the_parent_run(tracking_uri, tmp_path):
 
 
 def test_a_mixed_method_sweep_has_one_winner_per_method(tracking_uri, tmp_path):
-
     sweep_dir = _fake_sweep(tracking_uri, tmp_path, [
         (0, "FINISHED", 2.0, "orpo"), (1, "FINISHED", 1.5, "dpo"), (2, "FINISHED", 0.9, "sft"),
         (3, "FINISHED", 1.8, "orpo"), (4, "FINISHED", 1.7, "dpo"), (5, "FAILED", None, "simpo")])
