@@ -29,17 +29,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import lightning as L
+import torch
 from common import DEFAULT_OUT, fmt, peak_rss_mib, summary, write_section
+from models import SHAPES, build_hf
 
 
 @dataclass
 class Preset:
-    vocab_size: int = 128256
-    hidden_size: int = 512
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 2
-    intermediate_size: int = 1536
+    shape: str = "llama_cpu"      # a model shape of bench/models.py
     batch_size: int = 4
     max_length: int = 512
     max_prompt_length: int = 256
@@ -55,12 +53,10 @@ class Preset:
 PRESETS = {
     "cpu": Preset(),
     # For the test suite: the script end to end in seconds, figures meaningless.
-    "tiny": Preset(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                   intermediate_size=128, batch_size=2, max_length=96, max_prompt_length=48, prompt_median=12,
+    "tiny": Preset(shape="tiny_llama", batch_size=2, max_length=96, max_prompt_length=48, prompt_median=12,
                    answer_median=16, pairs=24, warmup_steps=1, steps=2, repeats=1),
     # Llama-3.2-1B's shapes, for users with a GPU (random weights: speed does not depend on their values).
-    "llama1b": Preset(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                      intermediate_size=8192, batch_size=8, max_length=1024, max_prompt_length=512, prompt_median=120,
+    "llama1b": Preset(shape="llama1b", batch_size=8, max_length=1024, max_prompt_length=512, prompt_median=120,
                       answer_median=250, pairs=800, warmup_steps=3, steps=20, repeats=3),
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -71,13 +67,8 @@ BETA, LR, SEED = 0.1, 8e-5, 0
 
 
 def build_model(preset: Preset, out: Path) -> Path:
-    """A random Llama with the preset's shapes and the tiny Llama's tokenizer (ids are what matter)."""
-    from models import build_hf
-
-    shape = {"family": "llama", "tie_word_embeddings": True,
-             **{k: getattr(preset, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers",
-                                                "num_attention_heads", "num_key_value_heads", "intermediate_size")}}
-    return build_hf(shape, out, dtype="float32")
+    """A random Llama with the preset's shape and the tiny Llama's tokenizer (ids are what matter)."""
+    return build_hf(preset.shape, out, dtype="float32")
 
 
 def make_pairs(preset: Preset, tokenizer) -> list[dict]:
@@ -109,7 +100,6 @@ def lora(model):
 
 
 def load(model_dir: Path, dtype: str, device: str):
-    import torch
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device)
@@ -128,8 +118,6 @@ def orpolab_data(preset: Preset, work: Path, tokenizer):
 
 
 def run_orpolab(preset: Preset, work: Path, dtype: str, device: str) -> dict:
-    import lightning as L
-
     from orpolab.data import PreferenceDataModule
     from orpolab.model import ModelConfig, load_tokenizer
     from orpolab.module import MethodConfig, OptimConfig, PreferenceModule
@@ -149,36 +137,29 @@ def run_orpolab(preset: Preset, work: Path, dtype: str, device: str) -> dict:
     return timer.result()
 
 
-class StepTimer:
-    """Lightning callback: wall time and token counts of every step after the warm-up."""
+class StepTimer(L.Callback):
+    """Wall time and token counts of every step after the warm-up."""
 
-    def __new__(cls, warmup: int):
-        import lightning as L
-        import torch
+    def __init__(self, warmup: int):
+        self.warmup, self.times, self.tokens, self.positions, self.i = warmup, [], 0, 0, 0
 
-        class _Timer(L.Callback):
-            def __init__(self):
-                self.warmup, self.times, self.tokens, self.positions, self.i = warmup, [], 0, 0, 0
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
 
-            def on_train_batch_start(self, trainer, module, batch, batch_idx):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self.t0 = time.perf_counter()
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if self.i >= self.warmup:
+            self.times.append(time.perf_counter() - self.t0)
+            self.tokens += int(batch["attention_mask"].sum())
+            self.positions += batch["attention_mask"].numel()
+        self.i += 1
 
-            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                if self.i >= self.warmup:
-                    self.times.append(time.perf_counter() - self.t0)
-                    self.tokens += int(batch["attention_mask"].sum())
-                    self.positions += batch["attention_mask"].numel()
-                self.i += 1
-
-            def result(self) -> dict:
-                return {"seconds": sum(self.times), "tokens": self.tokens, "positions": self.positions,
-                        "steps": len(self.times)}
-
-        return _Timer()
+    def result(self) -> dict:
+        return {"seconds": sum(self.times), "tokens": self.tokens, "positions": self.positions,
+                "steps": len(self.times)}
 
 
 def trl_trainer(preset: Preset, work: Path, model, dtype: str, device: str, steps: int):
@@ -209,7 +190,6 @@ def trl_trainer(preset: Preset, work: Path, model, dtype: str, device: str, step
 
 
 def run_trl(preset: Preset, work: Path, dtype: str, device: str) -> dict:
-    import torch
     from transformers import TrainerCallback
 
     trainer = trl_trainer(preset, work, lora(load(work / "model", dtype, device)), dtype, device,
@@ -247,8 +227,6 @@ def run_trl(preset: Preset, work: Path, dtype: str, device: str) -> dict:
 
 def compare_losses(preset: Preset, work: Path, dtype: str, device: str) -> dict:
     """Both losses on the same first batches: our tokenized pairs, one LoRA model, both code paths."""
-    import torch
-
     from orpolab.data import PairCollator
     from orpolab.model import ModelConfig, load_tokenizer
     from orpolab.module import MethodConfig, OptimConfig, PreferenceModule
@@ -280,8 +258,6 @@ def compare_losses(preset: Preset, work: Path, dtype: str, device: str) -> dict:
 
 def trl_batch(pairs: list[dict], tokenizer, device: str) -> dict:
     """TRL's batch layout (chosen_*/rejected_* padded separately) built from the very same token ids."""
-    import torch
-
     out = {}
     for side in ("chosen", "rejected"):
         seqs = [(p["prompt_ids"], p[f"{side}_ids"]) for p in pairs]
@@ -337,8 +313,9 @@ def main() -> None:
     repeats = args.repeats or preset.repeats
     with tempfile.TemporaryDirectory(prefix="orpolab-bench-") as tmp:
         work = Path(tmp)
-        print(f"building a random Llama ({preset.vocab_size} vocab, {preset.hidden_size} wide, "
-              f"{preset.num_hidden_layers} layers) and {preset.pairs} pairs ...", flush=True)
+        shape = SHAPES[preset.shape]
+        print(f"building a random Llama ({shape['vocab_size']} vocab, {shape['hidden_size']} wide, "
+              f"{shape['num_hidden_layers']} layers) and {preset.pairs} pairs ...", flush=True)
         build_model(preset, work / "model")
         from transformers import AutoTokenizer
 
@@ -359,6 +336,7 @@ def main() -> None:
 
 
 def report(args, preset: Preset, runs: dict, losses: dict) -> None:
+    shape = SHAPES[preset.shape]
     tps = {s: summary([r["tokens_per_s"] for r in runs[s]]) for s in runs}
     pad = {s: summary([1 - r["tokens"] / r["positions"] for r in runs[s]]) for s in runs}
     mem = {s: summary([r["peak_rss_mib"] for r in runs[s]]) for s in runs}
@@ -368,8 +346,8 @@ def report(args, preset: Preset, runs: dict, losses: dict) -> None:
         f" --device {args.device} --dtype {args.dtype}" if args.device != "cpu" else "")
     body = "\n".join([
         "## Training throughput: orpolab vs TRL's ORPOTrainer", "",
-        f"Command: `{cmd}`. Model: random Llama, vocabulary {preset.vocab_size:,}, hidden {preset.hidden_size}, "
-        f"{preset.num_hidden_layers} layers, LoRA r16 on all decoder linear layers; batch {preset.batch_size} pairs, "
+        f"Command: `{cmd}`. Model: random Llama, vocabulary {shape['vocab_size']:,}, hidden {shape['hidden_size']}, "
+        f"{shape['num_hidden_layers']} layers, LoRA r16 on all decoder linear layers; batch {preset.batch_size} pairs, "
         f"{args.dtype}, lr {LR}, beta {BETA}, max length {preset.max_length}; {preset.pairs} synthetic pairs, "
         f"prompt and answer lengths lognormal (medians {preset.prompt_median} and {preset.answer_median} tokens). "
         f"TRL with `train_sampling_strategy=\"group_by_length\"`; orpolab with its defaults (length-grouped "
