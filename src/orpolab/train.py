@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
 from orpolab import sweep_id, tracking
@@ -196,8 +197,6 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
 
     ``resume``: a checkpoint to continue from (a resumed sweep job); else ``resume_from`` decides.
     """
-    from lightning.pytorch.loggers import MLFlowLogger
-
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     threads = torch_threads(cfg)
     torch.set_num_threads(threads)
@@ -240,7 +239,7 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
     if checkpoint is None or latest is None:
         raise OrpolabError("callbacks must include a ModelCheckpoint monitoring the selection metric and one "
                            "without a monitor (conf/callbacks/default.yaml has both)")
-    logger = MLFlowLogger(experiment_name=cfg.logger.mlflow.experiment_name,
+    logger = JobLogger(experiment_name=cfg.logger.mlflow.experiment_name,
                           tracking_uri=cfg.logger.mlflow.tracking_uri, run_id=job.run_id, log_model=False)
     from orpolab.checkpoints import AtomicCheckpointIO
 
@@ -251,7 +250,6 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
     ckpt_path = resume or resolve_resume(cfg.get("resume_from"), checkpoint_dir)
     if cfg.eval_before_training and ckpt_path is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)
-        job.reopen()  # Lightning's validate() ends by marking the run FINISHED; training has not started
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     if checkpoint.best_model_score is None:
@@ -271,6 +269,18 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "result.json", result)
     return best
+
+
+class JobLogger(MLFlowLogger):
+    """Lightning's MLflow logger, except that the run's end status is the job's to set, not Lightning's.
+
+    Lightning finalizes its loggers at the end of every ``validate()`` and ``fit()``: the step-0
+    evaluation would mark the run FINISHED before training starts, and a killed job would then
+    look finished. ``run`` sets FINISHED or FAILED itself, once the job really ends.
+    """
+
+    def finalize(self, status: str = "success") -> None:
+        pass  # log_model is off, so Lightning's finalize would only set the run's status
 
 
 def resolve_resume(resume_from: str | None, checkpoint_dir: Path) -> str | None:
