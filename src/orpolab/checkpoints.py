@@ -21,13 +21,24 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from orpolab.errors import OrpolabError
 
 
+def partial_name(target: Path) -> Path:
+    """Where a checkpoint is written before it is renamed into place (same folder, hidden)."""
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}")
+
+
+def remove_partial_saves(folder: Path) -> None:
+    """Delete saves a kill cut short: they were never renamed, so they are never checkpoints."""
+    for stale in folder.glob(".*.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` with an atomic, durable save and a clear error when the disk is full."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp = partial_name(target)
         try:
             with open(tmp, "wb") as fh:
                 torch.save(checkpoint, fh)

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
 from orpolab import sweep_id, tracking
+from orpolab.checkpoints import AtomicCheckpointIO, remove_partial_saves
 from orpolab.data import DataConfig, PreferenceDataModule, prepare
 from orpolab.errors import OrpolabError
 from orpolab.files import write_json_atomic
@@ -228,8 +229,7 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
     from hydra.utils import instantiate
 
     checkpoint_dir = output_dir / "checkpoints"
-    for stale in checkpoint_dir.glob(".*.tmp-*"):  # a save cut short by a kill: never a checkpoint
-        stale.unlink(missing_ok=True)
+    remove_partial_saves(checkpoint_dir)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
     checkpoints = [c for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint)]
     for cb in checkpoints:
@@ -241,7 +241,6 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
                            "without a monitor (conf/callbacks/default.yaml has both)")
     logger = JobLogger(experiment_name=cfg.logger.mlflow.experiment_name,
                           tracking_uri=cfg.logger.mlflow.tracking_uri, run_id=job.run_id, log_model=False)
-    from orpolab.checkpoints import AtomicCheckpointIO
 
     trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir),
                           plugins=[AtomicCheckpointIO()])
