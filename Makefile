@@ -16,16 +16,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "$(TORCH_SPEC)"
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -e ".[dev]"
-	$(BIN)/python -m orpolab.llamacpp .cache
+	$(BIN)/python -m orpolab.export.llamacpp .cache
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 tiny-models: $(STAMP)
-	$(BIN)/python -m orpolab.tiny --out .cache/tiny_models --data data/sample
+	$(BIN)/python -m orpolab.demo.tiny --out .cache/tiny_models --data data/sample
 
 warm-up: tiny-models
-	$(BIN)/python -m orpolab.warmup --models .cache/tiny_models --data data/sample/sft.jsonl --families llama phi --steps 150
+	$(BIN)/python -m orpolab.demo.warmup --models .cache/tiny_models --data data/sample/sft.jsonl --families llama phi --steps 150
 
 demo: warm-up
 	$(BIN)/python train.py -m experiment=demo model=tiny_llama,tiny_phi orpo.beta=0.05,0.1

@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("ORPOLAB_ROOT", str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing, too
 
-from orpolab.train import main as run_job  # noqa: E402
+from orpolab.sweep import sweep_id  # noqa: E402
+from orpolab.train.job import main as run_job  # noqa: E402
+
+sweep_id.register()  # hydra.sweep.dir names the sweep by its derived id
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -33,7 +33,7 @@ def cpu_name() -> str:
 
 
 def cores() -> int:
-    from orpolab.machine import available_cores
+    from orpolab.core.machine import available_cores
 
     return available_cores()
 

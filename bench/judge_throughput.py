@@ -64,7 +64,7 @@ def main() -> None:
     import llama_cpp
     from flow_judge import EvalInput, FlowJudge
 
-    from orpolab.judge import LlamaCppFlowJudge, metric_by_name
+    from orpolab.evaluate.judge import LlamaCppFlowJudge, metric_by_name
 
     metric = metric_by_name("RESPONSE_CORRECTNESS_5POINT")
     with tempfile.TemporaryDirectory(prefix="orpolab-bench-") as tmp:
@@ -114,7 +114,7 @@ def real_tokens(prompt: str) -> list[int]:
     """Phi-3.5's chat template and tokenizer (llama.cpp's vocabulary-only Phi-3 GGUF, from the sdist)."""
     from llama_cpp import Llama
 
-    from orpolab.llamacpp import converter_dir
+    from orpolab.export.llamacpp import converter_dir
 
     global _VOCAB
     if "_VOCAB" not in globals():

@@ -35,7 +35,7 @@ def build_hf(shape: str | dict, out: Path, dtype: str = "bfloat16") -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
-    from orpolab import tiny
+    from orpolab.demo import tiny
 
     spec = dict(SHAPES[shape] if isinstance(shape, str) else shape)
     family = spec.pop("family")
@@ -62,7 +62,7 @@ def build_hf(shape: str | dict, out: Path, dtype: str = "bfloat16") -> Path:
     tok.save_pretrained(out)
     if (src / "tokenizer.model").is_file():  # the converter's SentencePiece path reads it
         (out / "tokenizer.model").write_bytes((src / "tokenizer.model").read_bytes())
-    from orpolab.llamacpp import write_added_tokens_decoder
+    from orpolab.export.llamacpp import write_added_tokens_decoder
 
     write_added_tokens_decoder(out, tok)
     return out
@@ -70,7 +70,7 @@ def build_hf(shape: str | dict, out: Path, dtype: str = "bfloat16") -> Path:
 
 def build_ggufs(hf_dir: Path, out_dir: Path, quants: list[str], name: str) -> dict[str, Path]:
     """f16 GGUF through llama.cpp's converter, then each quantization; returns {type: path} with timings printed."""
-    from orpolab import llamacpp
+    from orpolab.export import llamacpp
 
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -109,7 +109,8 @@ def load(model_dir: Path, dtype: str, device: str):
 
 
 def orpolab_data(preset: Preset, work: Path, tokenizer):
-    from orpolab.data import DataConfig, prepare
+    from orpolab.core.config import DataConfig
+    from orpolab.train.data import prepare
 
     cfg = DataConfig(path=str(work / "pairs.jsonl"), eval_size=2, split_seed=SEED, max_length=preset.max_length,
                      max_prompt_length=preset.max_prompt_length, batch_size=preset.batch_size,
@@ -118,9 +119,10 @@ def orpolab_data(preset: Preset, work: Path, tokenizer):
 
 
 def run_orpolab(preset: Preset, work: Path, dtype: str, device: str) -> dict:
-    from orpolab.data import PreferenceDataModule
-    from orpolab.model import ModelConfig, load_tokenizer
-    from orpolab.module import MethodConfig, OptimConfig, PreferenceModule
+    from orpolab.core.config import MethodConfig, ModelConfig, OptimConfig
+    from orpolab.train.data import PreferenceDataModule
+    from orpolab.train.model import load_tokenizer
+    from orpolab.train.module import PreferenceModule
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(work / "model")))
     data_cfg, data = orpolab_data(preset, work, tokenizer)
@@ -227,9 +229,10 @@ def run_trl(preset: Preset, work: Path, dtype: str, device: str) -> dict:
 
 def compare_losses(preset: Preset, work: Path, dtype: str, device: str) -> dict:
     """Both losses on the same first batches: our tokenized pairs, one LoRA model, both code paths."""
-    from orpolab.data import PairCollator
-    from orpolab.model import ModelConfig, load_tokenizer
-    from orpolab.module import MethodConfig, OptimConfig, PreferenceModule
+    from orpolab.core.config import MethodConfig, ModelConfig, OptimConfig
+    from orpolab.train.data import PairCollator
+    from orpolab.train.model import load_tokenizer
+    from orpolab.train.module import PreferenceModule
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(work / "model")))
     _, data = orpolab_data(preset, work, tokenizer)

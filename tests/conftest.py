@@ -20,7 +20,7 @@ RANDOM_TINY = "paths.tiny_variant=''"
 @pytest.fixture(scope="session")
 def tiny_models() -> Path:
     """The tiny model folders (built once; ``make tiny-models`` builds the same ones)."""
-    from orpolab import tiny
+    from orpolab.demo import tiny
 
     for family in FAMILIES:
         if not tiny.is_current(TINY_DIR / f"tiny_{family}"):
@@ -68,7 +68,7 @@ EVAL_SMALL = ["evaluation.judge.stand_in=true", "eval_prompts=sample", "eval_pro
 @pytest.fixture(scope="session")
 def warm_llama(tiny_models) -> Path:
     """tiny_llama after its supervised warm-up (what `make warm-up` builds): a really trained model."""
-    from orpolab import warmup
+    from orpolab.demo import warmup
 
     src, out = TINY_DIR / "tiny_llama", TINY_DIR / "tiny_llama_sft"
     if not warmup.is_warm(out, src):

@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from orpolab import data as data_mod
-from orpolab.data import DataConfig, PairCollator, prepare, tokenize_pair
-from orpolab.errors import OrpolabError
+from orpolab.core.config import DataConfig
+from orpolab.core.errors import OrpolabError
+from orpolab.train import data as data_mod
+from orpolab.train.data import PairCollator, prepare, tokenize_pair
 
 from .conftest import FAMILIES, ROOT
 
@@ -174,7 +175,7 @@ def test_collator_pads_dynamically_and_stacks_chosen_then_rejected():
 
 
 def test_bundled_sample_follows_orpo_dpo_mix_schema_and_is_checkable():
-    from orpolab.sample_task import is_correct
+    from orpolab.demo.sample_task import is_correct
 
     rows = [json.loads(line) for line in (ROOT / "data/sample/train.jsonl").read_text().splitlines()]
     assert len(rows) >= 300
@@ -191,7 +192,7 @@ def test_bundled_sample_follows_orpo_dpo_mix_schema_and_is_checkable():
 
 
 def test_resumable_sampler_orders_groups_and_resumes_mid_epoch():
-    from orpolab.data import ResumableSampler
+    from orpolab.train.data import ResumableSampler
 
     lengths = [(i * 37) % 101 + 1 for i in range(400)]
     s = ResumableSampler(400, seed=5, lengths=lengths, batch_size=8, megabatch=10)

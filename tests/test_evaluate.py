@@ -10,9 +10,9 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orpolab.errors import OrpolabError
-from orpolab.generate import read_jsonl
-from orpolab.judge import LlamaCppFlowJudge, metric_by_name, resolve_judge_file, verdict_grammar
+from orpolab.core.errors import OrpolabError
+from orpolab.core.files import read_jsonl
+from orpolab.evaluate.judge import LlamaCppFlowJudge, metric_by_name, resolve_judge_file, verdict_grammar
 
 
 def evaluate_cli(sweep: dict, *args: str) -> subprocess.CompletedProcess:
@@ -107,7 +107,7 @@ def test_stages_alone_resume_and_report(sweep, tmp_path):
 def test_empty_prompt_set_is_a_clear_error(sweep, tmp_path):
     from omegaconf import OmegaConf
 
-    from orpolab.evaluate import load_prompts
+    from orpolab.evaluate.pipeline import load_prompts
 
     empty = tmp_path / "prompts.jsonl"
     empty.write_text("")
@@ -118,14 +118,15 @@ def test_empty_prompt_set_is_a_clear_error(sweep, tmp_path):
 
 
 def test_evaluation_without_export_says_what_to_run(tmp_path):
-    from orpolab.evaluate import Evaluation
+    from orpolab.evaluate.pipeline import Evaluation
 
     with pytest.raises(OrpolabError, match="has no export.*python -m orpolab.export"):
         Evaluation(tmp_path, "sqlite:///unused.db")
 
 
 def test_prompt_longer_than_the_context_is_skipped_and_counted(sweep, tmp_path):
-    from orpolab.generate import GenerationConfig, answer_prompts
+    from orpolab.core.config import GenerationConfig
+    from orpolab.evaluate.generate import answer_prompts
 
     prompts = [{"id": 0, "prompt": "Let k = 5. What is k?"}, {"id": 1, "prompt": "Let k = 5. " * 200 + "What is k?"}]
     rows = answer_prompts(sweep["dir"] / "export" / "gguf" / "winner-Q4_K_M.gguf", prompts, tmp_path / "a.jsonl",

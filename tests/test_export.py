@@ -17,13 +17,13 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orpolab import llamacpp
-from orpolab import merge as merge_mod
-from orpolab.errors import OrpolabError
-from orpolab.merge import build_adapted, check_memory, load_adapter_state, merge
-from orpolab.model import LoraSettings, ModelConfig
-from orpolab.select import Candidate, rank, select_winners, sweep_parent
-from orpolab.verify import VerifyConfig, verify_gguf
+from orpolab.core.config import LoraSettings, ModelConfig, VerifyConfig
+from orpolab.core.errors import OrpolabError
+from orpolab.export import llamacpp
+from orpolab.export import merge as merge_mod
+from orpolab.export.merge import build_adapted, check_memory, load_adapter_state, merge
+from orpolab.export.verify import verify_gguf
+from orpolab.export.winners import Candidate, rank, select_winners, sweep_parent
 
 from .conftest import RANDOM_TINY, ROOT, TINY_DIR, compose
 
@@ -184,7 +184,7 @@ def test_rank_ignores_failed_runs_and_breaks_ties_by_job_number():
 
 def _fake_sweep(uri: str, tmp_path: Path, jobs: list[tuple]) -> str:
     """Fake child runs ``(job, status, value[, method])`` under a sweep's parent run."""
-    from orpolab import tracking
+    from orpolab.core import tracking
 
     sweep_dir = str(tmp_path / "sweep")
     parent = tracking.ensure_sweep_run(uri, "orpolab", sweep_dir)
@@ -241,7 +241,7 @@ def test_a_sweep_where_every_job_failed_exports_nothing(tracking_uri, tmp_path):
 
 
 def test_exported_adapter_is_the_best_checkpoint_not_the_last(tiny_models, tracking_uri, tmp_path):
-    from orpolab.train import run
+    from orpolab.train.job import run
 
     # Ranking by the *highest* bits per byte makes the first evaluation the best one, so best != last.
     run(compose(["experiment=demo", RANDOM_TINY, "trainer.max_steps=20", "trainer.val_check_interval=10",
@@ -329,7 +329,7 @@ def test_chat_command_in_a_pseudo_terminal(sweep):
     gguf = sweep["dir"] / "export" / "gguf" / "winner-f16.gguf"
     pid, fd = pty.fork()
     if pid == 0:  # child: the chat command on the pseudo-terminal
-        os.execv(sys.executable, [sys.executable, "-m", "orpolab.chat", str(gguf), "--max-tokens", "24"])
+        os.execv(sys.executable, [sys.executable, "-m", "orpolab.evaluate.chat", str(gguf), "--max-tokens", "24"])
     try:
         banner = _read_until(fd, b"you> ", 60)
         assert b"Chatting with" in banner and b"you> " in banner

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orpolab.data import PairCollator
-from orpolab.losses import selected_token_logps
-from orpolab.module import MethodConfig, OptimConfig, PreferenceModule
+from orpolab.core.config import MethodConfig, OptimConfig
+from orpolab.train.data import PairCollator
+from orpolab.train.losses import selected_token_logps
+from orpolab.train.module import PreferenceModule
 
 from .test_methods import _tiny_dpo_module
 

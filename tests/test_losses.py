@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orpolab.losses import log1mexp, masked_mean, orpo_loss, token_logps
+from orpolab.train.losses import log1mexp, masked_mean, orpo_loss, token_logps
 
 
 def reference_orpo(c: list[float], r: list[float], nll: float, beta: float) -> float:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from orpolab.losses import dpo_loss, sft_loss, simpo_loss
+from orpolab.train.losses import dpo_loss, sft_loss, simpo_loss
 
 
 def log_sigmoid(x: float) -> float:

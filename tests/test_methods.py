@@ -8,11 +8,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from orpolab.data import DataConfig, PairCollator, PreferenceDataModule, prepare
-from orpolab.errors import OrpolabError
-from orpolab.model import LoraSettings, ModelConfig, apply_lora, load_model, load_tokenizer
-from orpolab.module import MethodConfig, OptimConfig, PreferenceModule
-from orpolab.train import run
+from orpolab.core.config import DataConfig, LoraSettings, MethodConfig, ModelConfig, OptimConfig
+from orpolab.core.errors import OrpolabError
+from orpolab.train.data import PairCollator, PreferenceDataModule, prepare
+from orpolab.train.job import run
+from orpolab.train.model import apply_lora, load_model, load_tokenizer
+from orpolab.train.module import PreferenceModule
 
 from .conftest import RANDOM_TINY, ROOT, TINY_DIR, compose
 
@@ -137,7 +138,7 @@ def test_each_method_trains_and_logs_its_metrics(tiny_models, tracking_uri, tmp_
 def test_mixed_method_sweep_exports_each_methods_best_and_reports_them_against_base(method_sweep):
     import json
 
-    from orpolab import llamacpp
+    from orpolab.export import llamacpp
 
     sweep_dir = method_sweep["dir"]
     export = json.loads((sweep_dir / "export" / "export.json").read_text())

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from orpolab.errors import OrpolabError
+from orpolab.core.errors import OrpolabError
 
 from .conftest import RANDOM_TINY, ROOT, compose, run_train
 
@@ -77,7 +77,7 @@ def test_killed_sweep_resumes_with_one_run_per_job_and_the_same_losses(tiny_mode
     assert len(ckpts) == 2 and ckpts[1] == "last.ckpt" and ckpts[0].startswith("best-step"), ckpts
 
     # The same job, uninterrupted (in-process, same seed and config): the same loss at every step.
-    from orpolab.train import run
+    from orpolab.train.job import run
 
     run(compose(["experiment=demo", RANDOM_TINY, *STEPS, *QUIET, "orpo.beta=0.1"], tmp_path / "reference"))
     single = next(r for r in children(tracking_uri) if "mlflow.parentRunId" not in r.data.tags)
@@ -90,7 +90,7 @@ def test_killed_sweep_resumes_with_one_run_per_job_and_the_same_losses(tiny_mode
 def test_changed_config_starts_a_new_sweep_and_sweep_id_names_one(tiny_models, tmp_path):
     from omegaconf import open_dict, read_write
 
-    from orpolab.sweep_id import derive
+    from orpolab.sweep.sweep_id import derive
 
     def sweep_of(sweep_list: str, others: list[str]) -> str:
         """The id of `train.py -m experiment=demo <others> <sweep_list>` (Hydra composes the others)."""
@@ -122,7 +122,7 @@ def test_parallel_jobs_record_every_metric_of_both(tiny_models, tracking_uri, tm
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
-    from orpolab.checkpoints import AtomicCheckpointIO
+    from orpolab.train.checkpoints import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -153,7 +153,7 @@ from pathlib import Path
 import psutil
 sys.path.insert(0, sys.argv[1])
 from tests.conftest import RANDOM_TINY, compose
-from orpolab import train
+from orpolab.train import job as train
 
 alive, rss = [], []
 real_apply_lora = train.apply_lora

@@ -7,8 +7,8 @@ from statistics import mean
 
 import pytest
 
-from orpolab.generate import repeated_ngram_fraction
-from orpolab.stats import bootstrap_mean_ci, judge_agreement, paired_comparison
+from orpolab.evaluate.generate import repeated_ngram_fraction
+from orpolab.evaluate.stats import bootstrap_mean_ci, judge_agreement, paired_comparison
 
 
 def test_bootstrap_of_a_constant_is_that_constant():

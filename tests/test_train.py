@@ -9,8 +9,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from orpolab.errors import OrpolabError
-from orpolab.train import run
+from orpolab.core.errors import OrpolabError
+from orpolab.train.job import run
 
 from .conftest import RANDOM_TINY, compose, run_train
 
@@ -121,7 +121,8 @@ def test_qlora_loads_4bit_base_and_trains_only_the_adapter(tiny_models, tracking
 
     cfg = compose(FAST + ["lora=qlora", "trainer.max_steps=4", "trainer.val_check_interval=4"], tmp_path / "job")
     assert run(cfg) is not None
-    from orpolab.model import LoraSettings, ModelConfig, apply_lora, load_model
+    from orpolab.core.config import LoraSettings, ModelConfig
+    from orpolab.train.model import apply_lora, load_model
 
     model_cfg = ModelConfig(name_or_path=str(tiny_models / "tiny_llama"), lora_target_modules=["q_proj", "v_proj"])
     lora = LoraSettings(r=4, alpha=8, load_in_4bit=True)
@@ -134,7 +135,7 @@ def test_qlora_loads_4bit_base_and_trains_only_the_adapter(tiny_models, tracking
 def test_supervised_warm_up_learns_the_task_and_saves_a_loadable_model(tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from orpolab.warmup import collate, is_warm, sft_examples, warm_up
+    from orpolab.demo.warmup import collate, is_warm, sft_examples, warm_up
 
     src = tiny_models / "tiny_llama"
     data = Path(__file__).resolve().parents[1] / "data" / "sample" / "sft.jsonl"

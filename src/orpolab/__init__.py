@@ -1,3 +1,12 @@
-"""orpolab: ORPO sweeps over LoRA-wrapped small language models, tracked in MLflow."""
+"""orpolab: preference-align small language models, sweep them with Hydra, export to GGUF, judge on the CPU.
+
+One package per pipeline stage, each depending only on those before it:
+``core`` -> ``train`` -> ``sweep`` -> ``export`` -> ``evaluate``; ``demo`` (tiny models, sample task)
+is imported by nothing else.
+"""
+
+from orpolab import _legacy
 
 __version__ = "0.1.0"
+
+_legacy.install()  # module paths of older runs' pickles (see orpolab._legacy)

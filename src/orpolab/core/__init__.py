@@ -1,0 +1,1 @@
+"""What every stage shares: errors as sentences, atomic files, the machine, MLflow, config schemas."""

@@ -1,0 +1,216 @@
+"""MLflow bookkeeping: one parent run per sweep, one child run per job, failures recorded.
+
+Jobs create their run through ``MlflowClient`` before any heavy work, so a job that fails while
+loading its model still leaves a FAILED run that says why. Lightning's ``MLFlowLogger`` then logs
+into that same run (``run_id=``). The tracking store defaults to a SQLite database: MLflow 3.13+
+refuses the old ``./mlruns`` file store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import time
+import traceback
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+ROLE_TAG, SWEEP_TAG = "orpolab.role", "orpolab.sweep_dir"
+PARENT_TAG = "mlflow.parentRunId"
+PACKAGES = ("torch", "transformers", "peft", "lightning", "hydra-core", "mlflow", "datasets", "bitsandbytes")
+
+T = TypeVar("T")
+
+
+def client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def with_retry(fn: Callable[[], T], attempts: int = 8, delay: float = 0.25) -> T:
+    """Retry on SQLite's "database is locked", which parallel writers can hit."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as err:  # MlflowException wraps sqlite3.OperationalError
+            if "locked" not in str(err).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(delay * (2**attempt))
+    raise AssertionError("unreachable")
+
+
+def experiment_id(tracking_uri: str, name: str) -> str:
+    """The experiment's id, creating it if needed (tolerating a concurrent creator)."""
+    c = client(tracking_uri)
+    exp = with_retry(lambda: c.get_experiment_by_name(name))
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return with_retry(lambda: c.create_experiment(name, artifact_location=artifact_location(tracking_uri)))
+    except Exception:
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_sweep_run(tracking_uri: str, exp_id: str, sweep_dir: str):
+    """The parent run of the sweep whose output folder is ``sweep_dir``, or None."""
+    runs = with_retry(lambda: client(tracking_uri).search_runs(
+        [exp_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep' and tags.`{SWEEP_TAG}` = '{sweep_dir}'",
+        max_results=1, order_by=["attributes.start_time ASC"],
+    ))
+    return runs[0] if runs else None
+
+
+def ensure_sweep_run(tracking_uri: str, experiment: str, sweep_dir: str, overrides: list[str] | None = None) -> str:
+    """The sweep's parent run id: found by its folder, or created by the first job that asks.
+
+    Created lazily by a job, not when the sweep starts, so a sweep that Hydra rejects before any
+    job runs (an unknown config name) leaves no empty run behind. A file lock in the sweep folder
+    keeps parallel jobs from creating two parents.
+    """
+    from filelock import FileLock
+
+    exp_id = experiment_id(tracking_uri, experiment)
+    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    with FileLock(str(Path(sweep_dir) / ".mlflow-parent.lock")):
+        found = find_sweep_run(tracking_uri, exp_id, sweep_dir)
+        if found is not None:
+            if found.info.status != "RUNNING":  # the sweep is being resumed
+                with_retry(lambda: client(tracking_uri).update_run(found.info.run_id, status="RUNNING"))
+            return found.info.run_id
+        tags = {ROLE_TAG: "sweep", SWEEP_TAG: sweep_dir, "mlflow.runName": f"sweep {Path(sweep_dir).name}"}
+        if overrides:
+            tags["orpolab.sweep_overrides"] = " ".join(overrides)[:5000]
+        run = with_retry(lambda: client(tracking_uri).create_run(exp_id, tags=tags))
+        return run.info.run_id
+
+
+def child_runs(tracking_uri: str, parent_run_id: str, job_num: str | None = None) -> list:
+    """The job runs of a sweep's parent run, oldest first (only job ``job_num``'s when given)."""
+    c = client(tracking_uri)
+    parent = with_retry(lambda: c.get_run(parent_run_id))
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    if job_num is not None:
+        query += f" and tags.`orpolab.job_num` = '{job_num}'"
+    return with_retry(lambda: c.search_runs([parent.info.experiment_id], filter_string=query,
+                                            order_by=["attributes.start_time ASC"]))
+
+
+def find_job_run(tracking_uri: str, parent_run_id: str, job_num: str):
+    """A sweep job's run from an earlier attempt at the same sweep (by job number), or None."""
+    runs = child_runs(tracking_uri, parent_run_id, job_num)
+    return runs[0] if runs else None
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config as dotted keys (``orpo.beta``), the way overrides name them."""
+    container = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
+                 for k in cfg if k != "hydra"}
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = str(node)[:6000]
+
+    walk("", container)
+    return flat
+
+
+def git_commit(root: str) -> str:
+    """The project's commit, with ``-dirty`` when the work tree differs from it."""
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def reproducibility_tags(root: str) -> dict[str, str]:
+    tags = {"orpolab.git_commit": git_commit(root), "python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            tags[f"versions.{name}"] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return tags
+
+
+class JobRun:
+    """The MLflow run of one training job."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.client = client(tracking_uri)
+
+    @classmethod
+    def start(cls, tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str],
+              params: dict[str, str]) -> JobRun:
+        exp_id = experiment_id(tracking_uri, experiment)
+        c = client(tracking_uri)
+        run = with_retry(lambda: c.create_run(exp_id, tags={"mlflow.runName": run_name, **tags}))
+        job = cls(tracking_uri, run.info.run_id)
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow caps params per batch
+            with_retry(lambda chunk=items[i: i + 100]: c.log_batch(job.run_id, params=chunk))
+        return job
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            with_retry(lambda k=key, v=value: self.client.set_tag(self.run_id, k, str(v)[:5000]))
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        for key, value in metrics.items():
+            with_retry(lambda k=key, v=value: self.client.log_metric(self.run_id, k, float(v), step=step))
+
+    def log_dict(self, obj: dict, name: str) -> None:
+        with_retry(lambda: self.client.log_dict(self.run_id, obj, name))
+
+    def finish(self) -> None:
+        with_retry(lambda: self.client.set_terminated(self.run_id, "FINISHED"))
+
+    def reopen(self) -> None:
+        """Mark an interrupted or failed run RUNNING again: the resumed job continues it."""
+        with_retry(lambda: self.client.update_run(self.run_id, status="RUNNING"))
+
+    def fail(self, err: BaseException) -> None:
+        """Mark FAILED with the error's one-line message as a tag and its traceback as an artifact."""
+        message = f"{type(err).__name__}: {err}"
+        try:
+            self.set_tags({"orpolab.error": message})
+            text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+            with_retry(lambda: self.client.log_text(self.run_id, text, "error.txt"))
+        finally:
+            with_retry(lambda: self.client.set_terminated(self.run_id, "FAILED"))
+
+
+def artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of a SQLite store go beside the database, not into ``./mlruns`` of the cwd."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    return None  # a tracking server decides where its artifacts live
+
+
+def default_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else the project's SQLite database (as ``conf/logger/mlflow.yaml``)."""
+    root = Path(os.environ.get("ORPOLAB_ROOT", Path.cwd()))
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"

@@ -1,0 +1,7 @@
+"""``python -m orpolab.evaluate <sweep>``."""
+
+import sys
+
+from orpolab.evaluate.pipeline import main
+
+sys.exit(main())

@@ -1,0 +1,99 @@
+"""Flow Judge on the CPU, in-process: flow-judge's metrics, prompts and parser, our llama.cpp backend.
+
+``LlamaCppFlowJudge`` is a ``flow_judge`` model backend (a ``BaseFlowJudgeModel``) that runs a GGUF of
+Flow-Judge-v0.1 through llama-cpp-python: no llamafile server, no subprocess, no POSIX-only calls.
+Its output is constrained by a llama.cpp grammar to flow-judge's own format,
+``<feedback>...</feedback>`` then ``<score>N</score>`` with N on the metric's scale and the feedback
+bounded in length, so flow-judge's parser always finds a verdict (any failure is still counted).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flow_judge.models.common import BaseFlowJudgeModel
+from tqdm.auto import tqdm
+
+from orpolab.core.errors import OrpolabError
+from orpolab.export.llamacpp import check_gguf, open_gguf
+
+# Upper bound on the tokens of "<feedback>", "</feedback>\n<score>", the score and "</score>".
+TAG_TOKENS = 64
+
+
+def verdict_grammar(scores: list[int], max_feedback_chars: int = 600) -> str:
+    """GBNF for flow-judge's verdict format with the metric's scores and a bounded feedback.
+
+    Feedback characters are printable ASCII (and newlines) other than ``<``: one byte each, so
+    every token adds at least one character and ``max_feedback_chars`` + the tags always fit in
+    ``max_feedback_chars + TAG_TOKENS`` tokens: the verdict can never be cut off unfinished.
+    """
+    score_rule = " | ".join(f'"{s}"' for s in sorted(scores))
+    return (
+        'root ::= "<feedback>" feedback "</feedback>\\n<score>" score "</score>"\n'
+        f"feedback ::= char{{1,{max_feedback_chars}}}\n"
+        'char ::= [ -;=-~] | "\\n"\n'
+        f"score ::= {score_rule}\n"
+    )
+
+
+def metric_by_name(name: str):
+    """A flow-judge preset metric by name (``RESPONSE_CORRECTNESS_5POINT``, ...), or a clear error."""
+    from flow_judge import metrics
+
+    presets = sorted(n for n in dir(metrics) if n.isupper() and n.startswith("RESPONSE_"))
+    if name not in presets:
+        raise OrpolabError(f"unknown judge metric {name!r}; available: {', '.join(presets)}")
+    return getattr(metrics, name)
+
+
+def resolve_judge_file(path: str | None, repo_id: str | None, filename: str | None) -> Path:
+    """A local judge GGUF, or one downloaded from the hub (for users with network)."""
+    if path:
+        return check_gguf(Path(path), "judge model file (evaluation.judge.path)")
+    if not (repo_id and filename):
+        raise OrpolabError("set evaluation.judge.path, or evaluation.judge.repo_id and evaluation.judge.filename")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as err:
+        raise OrpolabError(f"could not download the judge {repo_id}/{filename}: {err}. Download it once with "
+                           "network, or set evaluation.judge.path to a local GGUF.") from err
+
+
+class LlamaCppFlowJudge(BaseFlowJudgeModel):
+    """Flow-Judge-v0.1 (or any GGUF chat model) through llama-cpp-python, grammar-constrained.
+
+    The model is loaded once and reused for every verdict. llama-cpp-python keeps the evaluated
+    tokens of the previous prompt and only evaluates the new suffix, so judging two answers to the
+    same question one after the other reuses the KV cache of the shared prefix (flow-judge's prompt
+    puts the question before the answer).
+    """
+
+    def __init__(self, gguf: Path, scores: list[int], max_tokens: int = 400, max_feedback_chars: int = 600,
+                 n_ctx: int = 4096, threads: int | None = None, name: str | None = None):
+        from llama_cpp import LlamaGrammar
+
+        # Enough tokens for the longest verdict the grammar allows, so none is cut off.
+        max_tokens = max(max_tokens, max_feedback_chars + TAG_TOKENS)
+        super().__init__(model_id=name or gguf.name, model_type="llama_cpp",
+                         generation_params={"temperature": 0.0, "max_tokens": max_tokens})
+        self.llm = open_gguf(gguf, n_ctx, threads)
+        self.grammar = LlamaGrammar.from_string(verdict_grammar(scores, max_feedback_chars), verbose=False)
+        self.max_tokens, self.n_ctx = max_tokens, n_ctx
+
+    def _generate(self, prompt: str) -> str:
+        messages = [{"role": "user", "content": prompt}]
+        if len(self.llm.tokenize(prompt.encode(), add_bos=False)) + self.max_tokens + 32 > self.n_ctx:
+            return ""  # flow-judge's parser turns this into score -1, counted as a failure
+        out = self.llm.create_chat_completion(messages, max_tokens=self.max_tokens, temperature=0.0,
+                                              grammar=self.grammar)
+        return out["choices"][0]["message"]["content"] or ""
+
+    def _batch_generate(self, prompts: list[str], use_tqdm: bool = True, **kwargs: Any) -> list[str]:
+        return [self._generate(p) for p in tqdm(prompts, desc="judging", unit="verdict", disable=not use_tqdm)]
+
+    def close(self) -> None:
+        self.llm.close()

@@ -1,0 +1,228 @@
+"""Turn a finished sweep into a CPU model: winner -> merged model -> GGUF (f16 + quants) -> verified.
+
+Runs after every multirun (``SweepCallback.on_multirun_end`` starts it as a subprocess, so the
+memory held by the training jobs is freed), or by hand on an existing sweep:
+
+    python -m orpolab.export multirun/demo/2026-11-22_10-00-00
+    python -m orpolab.export --run-id <MLflow parent run id> --quant Q4_K_M Q8_0
+
+Everything lands in ``<sweep>/export/`` and on the sweep's MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from orpolab.core import tracking
+from orpolab.core.config import DataConfig, ExportConfig, LoraSettings, ModelConfig
+from orpolab.core.errors import OrpolabError
+from orpolab.core.files import write_json_atomic
+from orpolab.export import llamacpp
+from orpolab.export.merge import check_disk, merge, parameter_count
+from orpolab.export.verify import verify_gguf
+from orpolab.export.winners import select_winners, sweep_parent
+from orpolab.train.data import SkipRow, load_rows, normalize_row
+
+log = logging.getLogger(__name__)
+
+
+def held_out_texts(job_cfg: DictConfig, tokenizer, n: int) -> tuple[list[str], list[str]]:
+    """Chat-formatted held-out conversations (prompt + chosen answer) and their prompts, for verification."""
+    data_cfg = DataConfig(**OmegaConf.to_container(job_cfg.data, resolve=True))
+    rows = load_rows(data_cfg.eval_path or data_cfg.path, data_cfg.eval_split if data_cfg.eval_path else data_cfg.split)
+    texts, prompts = [], []
+    for row in rows:
+        try:
+            prompt, chosen, _ = normalize_row(row, data_cfg)
+        except SkipRow:
+            continue
+        texts.append(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": chosen}], tokenize=False))
+        prompts.append(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
+        if len(texts) >= n:
+            break
+    if not texts:
+        raise OrpolabError("no held-out text to verify the export on")
+    return texts, prompts
+
+
+def base_model_dir(model_cfg: ModelConfig) -> Path:
+    """A local folder of the base model for the converter (a hub snapshot for hub ids)."""
+    local = Path(model_cfg.name_or_path).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model_cfg.name_or_path, revision=model_cfg.revision,
+                                  allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]))
+
+
+def gguf_set(src: Path, stem: str, out_dir: Path, quants: list[str], cache_dir: str, name: str) -> dict[str, Path]:
+    """f16 GGUF via llama.cpp's converter, then each quantization of it."""
+    files = {"F16": llamacpp.convert(src, out_dir / f"{stem}-f16.gguf", cache_dir, "f16", name=name)}
+    for q in quants:
+        print(f"quantizing {stem} to {q} ...", flush=True)
+        files[q.upper()] = llamacpp.quantize(files["F16"], out_dir / f"{stem}-{q.upper()}.gguf", q)
+    return files
+
+
+def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = None, parent_run_id: str | None = None,
+                 export_cfg: ExportConfig | None = None) -> dict:
+    """The whole export; returns the summary also written to ``<sweep>/export/export.json``.
+
+    A one-method sweep exports its winner (files named ``winner-*``); a mixed-method sweep exports
+    the best job of each method (``orpo-*``, ``dpo-*``, ...), all from the same base model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    parent = sweep_parent(tracking_uri, experiment, sweep_dir, parent_run_id)
+    sweep = Path(parent.data.tags[tracking.SWEEP_TAG])
+    export_cfg = export_cfg or ExportConfig.from_node(_sweep_export_node(sweep))
+    winners = select_winners(tracking_uri, parent)
+    job_cfgs = {label: OmegaConf.load(Path(w.output_dir) / ".hydra" / "config.yaml") for label, w in winners.items()}
+    first = next(iter(winners))
+    job_cfg = job_cfgs[first]
+    model_cfg = ModelConfig(**OmegaConf.to_container(job_cfg.model, resolve=True))
+    models = {label: str(c.model.name_or_path) for label, c in job_cfgs.items()}
+    if len(set(models.values())) > 1:
+        raise OrpolabError(
+            "a mixed-method sweep is compared against one base model, but the methods' best jobs used "
+            f"different models ({models}); sweep the methods on one model at a time"
+        )
+    out = sweep / "export"
+    gguf_dir = out / "gguf"
+    cache_dir = str(Path(job_cfg.paths.cache_dir))
+    for label, w in winners.items():
+        print(f"{label}: job {w.job_num} ({w.overrides}), {w.metric} {w.value:.4f}", flush=True)
+
+    # Disk: a merged model + an f16 GGUF + quants per exported model (and the base), from the parameter count.
+    n_params = parameter_count(AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision))
+    copies = len(winners) + (1 if export_cfg.include_base else 0)
+    need = n_params * (4 * len(winners) + copies * (2 + len(export_cfg.quant_types)))
+    check_disk(out, need, "the export")
+
+    model_name = Path(model_cfg.name_or_path).name
+    exported: dict[str, dict] = {}
+    checks: list[dict] = []
+    texts = prompt_texts = None
+    for label, w in winners.items():
+        suffix = "" if label == "winner" else f"-{label}"
+        lora_cfg = LoraSettings(**OmegaConf.to_container(job_cfgs[label].lora, resolve=True))
+        print(f"merging the {label} adapter ...", flush=True)
+        merged_dir = merge(model_cfg, lora_cfg, w.best_checkpoint, out / f"merged{suffix}",
+                           adapter_dir=out / f"adapter{suffix}", headroom=export_cfg.memory_headroom)
+        print(f"converting {label} to GGUF ...", flush=True)
+        title = "winner" if label == "winner" else f"{label} winner"
+        files = gguf_set(merged_dir, label, gguf_dir, export_cfg.quant_types, cache_dir,
+                         f"{model_name} orpolab {title} (job {w.job_num})")
+        tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+        if texts is None:
+            texts, prompt_texts = held_out_texts(job_cfg, tokenizer, export_cfg.verify.num_texts)
+        hf_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="float32").eval()
+        checks += [{"model": label, **verify_gguf(hf_model, tokenizer, path, texts, q, export_cfg.verify,
+                                                  prompt_texts=prompt_texts)} for q, path in files.items()]
+        del hf_model
+        exported[label] = {
+            "run_id": w.run_id, "job": w.job_num, "overrides": w.overrides, "method": w.method,
+            "metric": w.metric, "mode": w.mode, "value": w.value, "best_checkpoint": w.best_checkpoint,
+            "model": model_cfg.name_or_path, "merged_model": str(merged_dir), "adapter": str(out / f"adapter{suffix}"),
+            "gguf": {k: str(v) for k, v in files.items()},
+        }
+    base_files = {}
+    if export_cfg.include_base:
+        base_files = gguf_set(base_model_dir(model_cfg), "base", gguf_dir, export_cfg.quant_types, cache_dir,
+                              f"{model_name} base")
+    passed = all(c["passed"] for c in checks)
+    summary = {
+        "sweep_dir": str(sweep), "parent_run_id": parent.info.run_id, "passed": passed,
+        "winners": exported,
+        # The first exported model, with the job config the evaluation reads its settings from.
+        "winner": {**exported[first], "label": first, "config": OmegaConf.to_container(job_cfg, resolve=True)},
+        "merged_model": exported[first]["merged_model"], "adapter": exported[first]["adapter"],
+        "gguf": {**{label: e["gguf"] for label, e in exported.items()},
+                 "base": {k: str(v) for k, v in base_files.items()}},
+        "verification": checks,
+    }
+    if not passed:
+        # A GGUF that is not the trained model must not look like one.
+        for check in checks:
+            if not check["passed"]:
+                bad = Path(check["gguf"])
+                os.replace(bad, bad.with_suffix(".failed-verification.gguf"))
+    write_json_atomic(out / "export.json", summary)
+    _log_to_mlflow(tracking_uri, parent.info.run_id, summary, export_cfg)
+    print(format_verification(checks), flush=True)
+    if not passed:
+        raise OrpolabError(f"the exported GGUF does not match the trained model; see {out / 'export.json'}")
+    print(f"export: {out}", flush=True)
+    return summary
+
+
+def format_verification(checks: list[dict]) -> str:
+    lines = ["verification (GGUF vs merged PyTorch model on held-out text):"]
+    for c in checks:
+        lines.append(
+            f"  {Path(c['gguf']).name:<28} token ids {'identical' if not c['token_id_mismatches'] else 'DIFFER'}"
+            f"  ppl {c['ppl_gguf']:.3f} vs {c['ppl_pytorch']:.3f} (x{c['ppl_ratio']:.3f}, max {c['max_ppl_ratio']})"
+            f"  top-1 {c['top1_agreement']:.3f} (min {c['min_top1_agreement']})  {'ok' if c['passed'] else 'FAILED'}"
+        )
+    return "\n".join(lines)
+
+
+def _sweep_export_node(sweep: Path):
+    cfg_file = sweep / "multirun.yaml"
+    if cfg_file.is_file():
+        cfg = OmegaConf.load(cfg_file)
+        if "export" in cfg:
+            return OmegaConf.to_container(cfg.export, resolve=False)
+    return None
+
+
+
+def _log_to_mlflow(tracking_uri: str, parent_run_id: str, summary: dict, cfg: ExportConfig) -> None:
+    run = tracking.JobRun(tracking_uri, parent_run_id)
+    run.log_dict(summary, "export/export.json")
+    run.set_tags({"orpolab.export_dir": str(Path(summary["merged_model"]).parent),
+                  "orpolab.merged_model": summary["merged_model"], "orpolab.export_passed": str(summary["passed"])})
+    for check in summary["verification"]:
+        q = check["quant"] if check.get("model", "winner") == "winner" else f"{check['model']}/{check['quant']}"
+        run.log_metrics({f"export/{q}/ppl_ratio": check["ppl_ratio"],
+                         f"export/{q}/top1_agreement": check["top1_agreement"],
+                         f"export/{q}/token_id_mismatches": check["token_id_mismatches"]})
+    for group in summary["gguf"].values():
+        for path in group.values():
+            p = Path(path)
+            if p.is_file() and p.stat().st_size <= cfg.log_gguf_max_mb * 2**20:
+                tracking.with_retry(lambda p=p: run.client.log_artifact(run.run_id, str(p), "export/gguf"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export a finished sweep's winner to GGUF (merge, convert, "
+                                                 "quantize, verify).")
+    parser.add_argument("sweep_dir", nargs="?", help="the sweep folder (multirun/...)")
+    parser.add_argument("--run-id", help="the sweep's MLflow parent run id instead of its folder")
+    parser.add_argument("--quant", nargs="+", help="quantization types (default: the sweep's export.quant_types)")
+    parser.add_argument("--no-base", action="store_true", help="do not convert the base model")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the project's mlflow.db)")
+    parser.add_argument("--experiment", default="orpolab")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    uri = args.tracking_uri or tracking.default_uri()
+    try:
+        node = _sweep_export_node(Path(args.sweep_dir)) if args.sweep_dir else None
+        cfg = ExportConfig.from_node(node)
+        if args.quant:
+            cfg = ExportConfig.from_node({**cfg.__dict__, "verify": cfg.verify.__dict__, "quant_types": args.quant})
+        if args.no_base:
+            cfg.include_base = False
+        export_sweep(uri, args.experiment, args.sweep_dir, args.run_id, cfg)
+    except OrpolabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+

@@ -1,0 +1,50 @@
+"""A sweep's identity: the same command means the same sweep, a changed config means a new one.
+
+``hydra.sweep.dir`` ends in ``${orpolab_sweep_id:}``. Its value is ``sweep_id`` when given on the
+command line, else ``sweep-`` and a hash of
+
+- the command-line overrides (sorted; the sweep's lists included, e.g. ``orpo.beta=0.05,0.1``), and
+- the composed config they apply to, resolved, without ``hydra``, ``paths`` (where the project
+  lives on this machine) and ``sweep_id`` itself.
+
+So re-running a command finds its sweep folder and MLflow parent run again (finished jobs are
+skipped, interrupted ones resumed); editing a YAML file under ``conf/`` that the sweep uses, or
+any override, starts a new sweep. Code changes do not: pass ``sweep_id=<name>`` for a fresh one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from omegaconf import DictConfig, OmegaConf
+
+RESOLVER = "orpolab_sweep_id"
+EXCLUDED = ("hydra", "paths", "sweep_id")
+
+
+def derive(root: DictConfig) -> str:
+    """``sweep_id`` if set, else a hash of the overrides and the resolved config (see module doc)."""
+    given = root.get("sweep_id")
+    if given:
+        return str(given)
+    overrides = sorted(str(o) for o in root.hydra.overrides.task) if "hydra" in root else []
+    body = {}
+    for key in root:
+        if key in EXCLUDED:
+            continue
+        node = root[key]
+        body[key] = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    payload = json.dumps({"overrides": overrides, "config": body}, sort_keys=True, default=str)
+    return "sweep-" + hashlib.sha256(payload.encode()).hexdigest()[:10]
+
+
+def register() -> None:
+    """Register the resolver once.
+
+    A job's config holds only that job's overrides, so it must not derive the id again: the
+    sweep callback resolves the folder once when the sweep starts and pins it for every job
+    (``orpolab.sweep.callbacks.pin_sweep_dir``).
+    """
+    if not OmegaConf.has_resolver(RESOLVER):
+        OmegaConf.register_new_resolver(RESOLVER, lambda *, _root_: derive(_root_))
