@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,32 @@ def method_sweep(warm_llama, tmp_path_factory):
                      env_extra={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout, "report": tmp / "report" / "report.md"}
+
+
+def private_copy(shared: dict, tmp_path: Path) -> dict:
+    """A copy of a session sweep (folder and MLflow store) that one test may change at will.
+
+    Session fixtures are read-only for tests: a test that rewrites a shared sweep's export or
+    evaluation would pass or fail depending on which tests ran before it. The copy's parent run is
+    re-tagged with the copy's folder, so export and evaluation write there; the jobs' checkpoints
+    are read from the original, which nothing writes.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from orpolab.core import tracking
+
+    folder, db = tmp_path / "sweep", tmp_path / "mlflow.db"
+    shutil.copytree(shared["dir"], folder, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copy(shared["uri"].removeprefix("sqlite:///"), db)
+    uri = f"sqlite:///{db}"
+    client = MlflowClient(uri)
+    for run in client.search_runs(["1"], filter_string=f"tags.`{tracking.SWEEP_TAG}` = '{shared['dir'].resolve()}' "
+                                                       f"and tags.`{tracking.ROLE_TAG}` = 'sweep'"):
+        client.set_tag(run.info.run_id, tracking.SWEEP_TAG, str(folder.resolve()))
+    return {**shared, "dir": folder, "uri": uri}
+
+
+@pytest.fixture()
+def own_sweep(sweep, tmp_path) -> dict:
+    """The 2-job demo sweep, copied for a test that re-runs or rewrites its export or evaluation."""
+    return private_copy(sweep, tmp_path)

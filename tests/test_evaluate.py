@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,14 +21,14 @@ def evaluate_cli(sweep: dict, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": sweep["uri"]})
 
 
-def test_judge_backend_gives_verdicts_flow_judge_parses(sweep):
+def test_judge_backend_gives_verdicts_flow_judge_parses(sweep, tmp_path):
     from flow_judge import EvalInput, FlowJudge
 
     metric = metric_by_name("RESPONSE_CORRECTNESS_3POINT")
     backend = LlamaCppFlowJudge(sweep["dir"] / "export" / "gguf" / "base-Q4_K_M.gguf",
                                 [r.score for r in metric.rubric], max_tokens=48, max_feedback_chars=40)
     try:
-        judge = FlowJudge(metric=metric, model=backend, output_dir=str(sweep["dir"] / "fj"))
+        judge = FlowJudge(metric=metric, model=backend, output_dir=str(tmp_path / "fj"))
         inputs = [EvalInput(inputs=[{"query": f"What is {a} + 1?"}, {"reference_answer": f"The answer is {a + 1}."}],
                             output={"response": f"{a} + 1 = {a + 1}. The answer is {a + 1}."}) for a in range(4)]
         outputs = judge.batch_evaluate(inputs, save_results=False, use_tqdm=False)
@@ -59,7 +60,9 @@ def test_judge_file_must_exist_and_be_gguf(tmp_path):
         resolve_judge_file(str(fake), None, None)
 
 
-def test_stages_alone_resume_and_report(sweep, tmp_path):
+def test_stages_alone_resume_and_report(own_sweep, tmp_path):
+    sweep = own_sweep
+    shutil.rmtree(sweep["dir"] / "evaluation")  # the hook evaluated already: start these stages afresh
     out = sweep["dir"] / "evaluation"
     proc = evaluate_cli(sweep, "--stage", "generate")
     assert proc.returncode == 0, proc.stderr[-2000:]

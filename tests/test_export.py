@@ -69,7 +69,8 @@ def test_hook_exports_the_winner_with_verified_ggufs(sweep):
     assert len(json.loads(Path(ranking).read_text())["ranking"]) == 2
 
 
-def test_export_by_hand_on_an_existing_sweep(sweep):
+def test_export_by_hand_on_an_existing_sweep(own_sweep):
+    sweep = own_sweep
     shutil.rmtree(sweep["dir"] / "export" / "gguf")
     proc = export_cli([str(sweep["dir"]), "--quant", "Q8_0", "--no-base"], sweep["uri"])
     assert proc.returncode == 0, proc.stderr[-3000:]
