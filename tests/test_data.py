@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from orpolab.core.config import DataConfig
 from orpolab.core.errors import OrpolabError
-from orpolab.train import data as data_mod
+from orpolab.train.data import tokenize as data_mod
 from orpolab.train.data import PairCollator, prepare, tokenize_pair
 
 from .conftest import FAMILIES, ROOT
