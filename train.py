@@ -14,9 +14,11 @@ ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("ORPOLAB_ROOT", str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing, too
 
+from orpolab.core.config import register_schemas  # noqa: E402
 from orpolab.sweep import sweep_id  # noqa: E402
 from orpolab.train.job import main as run_job  # noqa: E402
 
+register_schemas()  # conf/train.yaml names its schema (base_train): keys and types are checked as Hydra composes
 sweep_id.register()  # hydra.sweep.dir names the sweep by its derived id
 
 

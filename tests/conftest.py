@@ -44,6 +44,9 @@ def compose(overrides: list[str], output_dir: Path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
+    from orpolab.core.config import register_schemas
+
+    register_schemas()  # as train.py does: conf/train.yaml names its schema
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):

@@ -1,18 +1,118 @@
-"""The settings each stage reads, one dataclass per config group.
+"""The settings of each config group, one dataclass per group, and the same dataclasses as Hydra schemas.
 
-Every stage builds its settings from these, so a key's type and default live in one place.
+Each dataclass has two uses:
+
+- **Schema.** :func:`register_schemas` stores the root's dataclass, :class:`TrainConfig`, in
+  Hydra's ConfigStore as ``base_train``, and ``conf/train.yaml`` names it first in its defaults
+  list (Hydra matches no schema to a file by name). Every group is a typed field of the root, so
+  each group file merged into it is checked too, the files of the global package included
+  (``method/*.yaml``, ``experiment/*.yaml`` write into several groups): a misspelt key or a wrong
+  type, in a YAML file (the error names the file) or on the command line, stops the command while
+  Hydra composes the config, before any job starts. Values from a fixed set are enums (OmegaConf
+  has no ``Literal``); values that no type expresses (a positive beta, a known judge metric) are
+  checked by :func:`orpolab.core.validate.validate`.
+- **Settings.** A stage reads a group as its dataclass: :func:`settings` (``settings(ModelConfig,
+  cfg.model)``) merges the node onto the schema, so a job config saved as plain YAML (which the
+  export and the evaluation read) is checked the same way.
+
+The enums are also plain strings (:class:`Choice`), so the stages compare, format and serialise
+them as the strings the YAML files hold.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from orpolab.core.errors import OrpolabError
 
-METHODS = ("orpo", "dpo", "simpo", "sft")
-QUANT_TYPES = ("F16", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0")
+T = TypeVar("T")
+
+
+class Choice(str, Enum):
+    """A value from a fixed set that is also the plain string it stands for.
+
+    OmegaConf checks the name (``mode: maximum`` is refused, naming the allowed ones); the code
+    reading it gets a ``str`` that compares, hashes, formats and JSON-encodes as ``"min"``, so no
+    reader needs to know it came from an enum. Member names equal their values for that reason.
+    """
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+
+class Method(Choice):
+    orpo = "orpo"
+    dpo = "dpo"
+    simpo = "simpo"
+    sft = "sft"
+
+
+class NllOn(Choice):
+    full = "full"
+    completion = "completion"
+
+
+class DataSchema(Choice):
+    messages = "messages"
+    strings = "strings"
+
+
+class Schedule(Choice):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class ModelDtype(Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    auto = "auto"
+    # Short names some model cards use.
+    fp32 = "float32"
+    bf16 = "bfloat16"
+    fp16 = "float16"
+
+
+class ComputeDtype(Choice):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class FourBitType(Choice):
+    nf4 = "nf4"
+    fp4 = "fp4"
+
+
+class Quant(Choice):
+    """llama.cpp's file types this project writes (F16 is the converter's output, the rest quantize it)."""
+
+    F16 = "F16"
+    Q8_0 = "Q8_0"
+    Q4_K_M = "Q4_K_M"
+    Q5_K_M = "Q5_K_M"
+    Q6_K = "Q6_K"
+    Q4_0 = "Q4_0"
+
+
+class SelectionMode(Choice):
+    min = "min"
+    max = "max"
+
+
+class PromptKind(Choice):
+    heldout = "heldout"
+    conversations = "conversations"
+    fields = "fields"
+
+
+QUANT_TYPES = tuple(q.value for q in Quant)
 
 
 @dataclass
@@ -21,7 +121,7 @@ class DataConfig:
 
     path: str
     split: str = "train"
-    schema: str = "messages"  # "messages" or "strings"
+    schema: DataSchema = DataSchema.messages
     prompt_column: str = "prompt"
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
@@ -48,8 +148,9 @@ class ModelConfig:
     """One entry of ``conf/model/``."""
 
     name_or_path: str
-    dtype: str = "float32"
-    lora_target_modules: list[str] | str = "all-linear"
+    dtype: ModelDtype = ModelDtype.float32
+    # A list of module names, or "all-linear" (OmegaConf types no union of a list and a string).
+    lora_target_modules: Any = "all-linear"
     attn_implementation: str | None = "sdpa"
     revision: str | None = None
     trust_remote_code: bool = False
@@ -65,10 +166,10 @@ class LoraSettings:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] | str | None = None  # None: the model config's targets
+    target_modules: Any = None  # None: the model config's targets; else as model.lora_target_modules
     load_in_4bit: bool = False
-    bnb_4bit_quant_type: str = "nf4"
-    bnb_4bit_compute_dtype: str = "bfloat16"
+    bnb_4bit_quant_type: FourBitType = FourBitType.nf4
+    bnb_4bit_compute_dtype: ComputeDtype = ComputeDtype.bfloat16
     bnb_4bit_use_double_quant: bool = True
 
 
@@ -79,10 +180,10 @@ class MethodConfig:
     Fields a method does not use are ignored by it (``gamma`` only matters to SimPO, and so on).
     """
 
-    name: str = "orpo"
+    name: Method = Method.orpo
     beta: float = 0.1
     # ORPO: NLL over "full" (prompt + response, TRL's default) or "completion". SFT always uses completion.
-    nll_on: str = "full"
+    nll_on: NllOn = NllOn.full
     # DPO: conservative DPO's label smoothing, and whether to compute the reference once before training.
     label_smoothing: float = 0.0
     precompute_ref_logps: bool = True
@@ -91,16 +192,14 @@ class MethodConfig:
     # Dropout off everywhere (LoRA's included), as TRL's trainers do by default.
     disable_dropout: bool = True
 
-    def __post_init__(self) -> None:
-        if self.name not in METHODS:
-            raise OrpolabError(f"method.name must be one of {', '.join(METHODS)}, got {self.name!r}")
-        if self.name != "sft" and self.beta <= 0:
-            key = "orpo.beta" if self.name == "orpo" else "method.beta"  # where the user sets it
-            raise OrpolabError(f"{key} must be positive, got {self.beta} (method {self.name})")
-        if self.nll_on not in ("full", "completion"):
-            raise OrpolabError(f"orpo.nll_on must be 'full' or 'completion', got {self.nll_on!r}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise OrpolabError(f"method.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+@dataclass
+class OrpoConfig:
+    """``conf/orpo/``: ORPO's parameters, which ``method/orpo.yaml`` hands to ``method``."""
+
+    beta: float = 0.1
+    nll_on: NllOn = NllOn.full
+    disable_dropout: bool = True
 
 
 @dataclass
@@ -113,7 +212,7 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
-    schedule: str = "cosine"  # cosine | linear | constant
+    schedule: Schedule = Schedule.cosine
 
 
 @dataclass
@@ -128,12 +227,60 @@ class GenerationConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """``evaluation.judge``: Flow Judge from the hub or a local GGUF, and the preset metrics it scores."""
+
+    repo_id: str | None = "flowaicom/Flow-Judge-v0.1-GGUF"
+    filename: str | None = "flow-judge-v0.1-Q4_K_M.gguf"
+    path: str | None = None
+    stand_in: bool = False
+    metrics: list[str] = field(default_factory=lambda: ["RESPONSE_CORRECTNESS_5POINT"])
+    max_tokens: int = 400
+    max_feedback_chars: int = 600
+    n_ctx: int = 4096
+    good_threshold: int = 4
+
+
+@dataclass
+class BootstrapConfig:
+    """``evaluation.bootstrap``."""
+
+    n_resamples: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class EvaluationConfig:
+    """``conf/evaluation/``."""
+
+    enabled: bool = True
+    quant: Quant = Quant.Q4_K_M
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+
+
+@dataclass
+class EvalPromptsConfig:
+    """``conf/eval_prompts/``: the prompts both models answer."""
+
+    kind: PromptKind = PromptKind.heldout
+    path: str | None = None
+    split: str | None = None
+    prompt_field: str | None = None
+    reference_field: str | None = None
+    # null, or a node with _target_: an object with is_correct(answer, expected) and reference(expected).
+    checker: Any = None
+    max_prompts: int | None = 100
+
+
+@dataclass
 class VerifyConfig:
-    """``export.verify``: limits per quantization type (keys: F16, Q8_0, Q4_K_M, ...)."""
+    """``export.verify``: limits per quantization type; a type without its own limit gets the default."""
 
     num_texts: int = 24
-    max_ppl_ratio: dict[str, float] = field(default_factory=lambda: {"F16": 1.02, "Q8_0": 1.05, "Q4_K_M": 1.3})
-    min_top1_agreement: dict[str, float] = field(
+    max_ppl_ratio: dict[Quant, float] = field(default_factory=lambda: {"F16": 1.02, "Q8_0": 1.05, "Q4_K_M": 1.3})
+    min_top1_agreement: dict[Quant, float] = field(
         default_factory=lambda: {"F16": 0.97, "Q8_0": 0.95, "Q4_K_M": 0.85})
     default_max_ppl_ratio: float = 1.3
     default_min_top1_agreement: float = 0.85
@@ -144,7 +291,7 @@ class ExportConfig:
     """``conf/export/``."""
 
     enabled: bool = True
-    quant_types: list[str] = field(default_factory=lambda: ["Q4_K_M"])
+    quant_types: list[Quant] = field(default_factory=lambda: [Quant.Q4_K_M])
     include_base: bool = True
     memory_headroom: float = 1.2
     log_gguf_max_mb: int = 512
@@ -152,13 +299,85 @@ class ExportConfig:
 
     @classmethod
     def from_node(cls, node: DictConfig | dict | None) -> ExportConfig:
+        """The export settings of a saved sweep config or the export's command line, checked as a sweep's are.
+
+        Quantization types may be given in lower case on the command line (``--quant q8_0``).
+        """
         values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
-        verify = VerifyConfig(**values.pop("verify", {}))
-        cfg = cls(**values, verify=verify)
-        for q in cfg.quant_types:
-            if q.upper() not in QUANT_TYPES or q.upper() == "F16":
-                raise OrpolabError(
-                    f"unsupported quantization type {q!r} in export.quant_types; choose from "
-                    f"{', '.join(t for t in QUANT_TYPES if t != 'F16')} (f16 is always written)"
-                )
+        if values.get("quant_types"):
+            values["quant_types"] = [str(q).upper() for q in values["quant_types"]]
+        cfg = settings(cls, values, "export")
+        from orpolab.core.validate import check_export
+
+        check_export(cfg)
         return cfg
+
+
+@dataclass
+class SelectionConfig:
+    """``selection``: the metric that ranks a sweep's jobs and keeps each job's best checkpoint."""
+
+    metric: str = "val/chosen_bpb"
+    mode: SelectionMode = SelectionMode.min
+
+
+@dataclass
+class TrainConfig:
+    """``conf/train.yaml``: the root. Every group is typed here too, so files of the global package
+    (``method/*.yaml``, ``experiment/*.yaml``), which write into several groups, are checked as well.
+
+    ``paths``, ``trainer``, ``callbacks`` and ``logger`` stay open: they hold Lightning's own
+    arguments (checked by Lightning when it builds them) and paths a user may extend.
+    """
+
+    paths: dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    orpo: OrpoConfig = field(default_factory=OrpoConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    logger: dict[str, Any] = field(default_factory=dict)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    eval_prompts: EvalPromptsConfig = field(default_factory=EvalPromptsConfig)
+    task_name: str = "orpo"
+    seed: int = 42
+    sweep_id: str | None = None
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    threads: int | None = None
+    eval_before_training: bool = True
+    resume_from: str | None = None
+    # Experiment presets look values up by method name: optim.lr: ${lr_per_method.${method.name}}
+    lr_per_method: dict[str, float] = field(default_factory=dict)
+
+
+def register_schemas() -> None:
+    """Store the root's schema in Hydra's ConfigStore (again is harmless): call before Hydra composes ``conf/``."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_train", node=TrainConfig)
+
+
+def settings(cls: type[T], node: DictConfig | dict | None, key: str) -> T:
+    """The group ``key`` of a config as its dataclass, checked against the schema.
+
+    A composed config is already checked; a saved one (plain YAML) is checked here, and a problem
+    becomes an :class:`OrpolabError` naming the key instead of an OmegaConf traceback.
+    """
+    try:
+        # Resolved first: the node's interpolations (method.beta: ${orpo.beta}) point into its own root.
+        values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else (node or {})
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
+    except OmegaConfBaseException as err:
+        raise OrpolabError(describe(err, key)) from err
+
+
+def describe(err: OmegaConfBaseException, prefix: str = "") -> str:
+    """OmegaConf's error in one line that starts with the full key (``export.quant_types[0]: ...``)."""
+    full_key = getattr(err, "full_key", None) or ""
+    full_key = f"{prefix}.{full_key}" if prefix and full_key else (full_key or prefix)
+    message = (getattr(err, "msg", None) or str(err)).splitlines()[0]
+    return f"{full_key}: {message}" if full_key else message

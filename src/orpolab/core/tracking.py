@@ -114,9 +114,9 @@ def find_job_run(tracking_uri: str, parent_run_id: str, job_num: str):
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:
-    """The resolved config as dotted keys (``orpo.beta``), the way overrides name them."""
-    container = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
-                 for k in cfg if k != "hydra"}
+    """The resolved config as dotted keys (``orpo.beta``), the way overrides name them; enums as their names."""
+    container = {k: OmegaConf.to_container(cfg[k], resolve=True, enum_to_str=True) if isinstance(cfg[k], DictConfig)
+                 else cfg[k] for k in cfg if k != "hydra"}
     flat: dict[str, str] = {}
 
     def walk(prefix: str, node: Any) -> None:

@@ -16,6 +16,7 @@ from flow_judge.models.common import BaseFlowJudgeModel
 from tqdm.auto import tqdm
 
 from orpolab.core.errors import OrpolabError
+from orpolab.core.validate import judge_metric_names
 from orpolab.export.llamacpp import check_gguf, open_gguf
 
 # Upper bound on the tokens of "<feedback>", "</feedback>\n<score>", the score and "</score>".
@@ -42,7 +43,7 @@ def metric_by_name(name: str):
     """A flow-judge preset metric by name (``RESPONSE_CORRECTNESS_5POINT``, ...), or a clear error."""
     from flow_judge import metrics
 
-    presets = sorted(n for n in dir(metrics) if n.isupper() and n.startswith("RESPONSE_"))
+    presets = judge_metric_names()
     if name not in presets:
         raise OrpolabError(f"unknown judge metric {name!r}; available: {', '.join(presets)}")
     return getattr(metrics, name)

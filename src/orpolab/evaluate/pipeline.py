@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from orpolab.core import tracking
-from orpolab.core.config import DataConfig, GenerationConfig
+from orpolab.core.config import DataConfig, GenerationConfig, settings
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import append_jsonl, read_jsonl, write_json_atomic
 from orpolab.evaluate.generate import answer_prompts
@@ -54,7 +54,7 @@ def load_prompts(cfg: DictConfig, job_cfg: DictConfig, checker=None) -> list[dic
     kind, limit = cfg.kind, cfg.max_prompts
     rows: list[dict] = []
     if kind == "heldout":
-        data_cfg = DataConfig(**OmegaConf.to_container(job_cfg.data, resolve=True))
+        data_cfg = settings(DataConfig, job_cfg.data, "data")
         source = load_rows(data_cfg.eval_path, data_cfg.eval_split) if data_cfg.eval_path else split_rows(
             load_rows(data_cfg.path, data_cfg.split), data_cfg.eval_size, data_cfg.split_seed)[1]
         for row in source:
@@ -142,7 +142,7 @@ class Evaluation:
     # ---------------------------------------------------------------- stages
 
     def generate(self) -> None:
-        gen = GenerationConfig(**OmegaConf.to_container(self.cfg.generation, resolve=True))
+        gen = settings(GenerationConfig, self.cfg.generation, "evaluation.generation")
         prompts = self.prompts()
         for model in self.models:
             answer_prompts(self.gguf(model), prompts, self.out / f"answers-{model}.jsonl", gen, model)

@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from orpolab.core import tracking
-from orpolab.core.config import DataConfig, ExportConfig, LoraSettings, ModelConfig
+from orpolab.core.config import DataConfig, ExportConfig, LoraSettings, ModelConfig, settings
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import write_json_atomic
 from orpolab.export import llamacpp
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 def held_out_texts(job_cfg: DictConfig, tokenizer, n: int) -> tuple[list[str], list[str]]:
     """Chat-formatted held-out conversations (prompt + chosen answer) and their prompts, for verification."""
-    data_cfg = DataConfig(**OmegaConf.to_container(job_cfg.data, resolve=True))
+    data_cfg = settings(DataConfig, job_cfg.data, "data")
     rows = load_rows(data_cfg.eval_path or data_cfg.path, data_cfg.eval_split if data_cfg.eval_path else data_cfg.split)
     texts, prompts = [], []
     for row in rows:
@@ -87,7 +87,7 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
     job_cfgs = {label: OmegaConf.load(Path(w.output_dir) / ".hydra" / "config.yaml") for label, w in winners.items()}
     first = next(iter(winners))
     job_cfg = job_cfgs[first]
-    model_cfg = ModelConfig(**OmegaConf.to_container(job_cfg.model, resolve=True))
+    model_cfg = settings(ModelConfig, job_cfg.model, "model")
     models = {label: str(c.model.name_or_path) for label, c in job_cfgs.items()}
     if len(set(models.values())) > 1:
         raise OrpolabError(
@@ -112,7 +112,7 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
     texts = prompt_texts = None
     for label, w in winners.items():
         suffix = "" if label == "winner" else f"-{label}"
-        lora_cfg = LoraSettings(**OmegaConf.to_container(job_cfgs[label].lora, resolve=True))
+        lora_cfg = settings(LoraSettings, job_cfgs[label].lora, "lora")
         print(f"merging the {label} adapter ...", flush=True)
         merged_dir = merge(model_cfg, lora_cfg, w.best_checkpoint, out / f"merged{suffix}",
                            adapter_dir=out / f"adapter{suffix}", headroom=export_cfg.memory_headroom)

@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from orpolab.core import tracking
-from orpolab.sweep import sweep_id
+from orpolab.sweep import preflight, sweep_id
 
 sweep_id.register()
 
@@ -35,6 +35,7 @@ class SweepCallback(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        preflight.stop_unless_valid(config)  # every job's config, before any job or MLflow run exists
         pin_sweep_dir(config)
         tracking.experiment_id(config.logger.mlflow.tracking_uri, config.logger.mlflow.experiment_name)
 

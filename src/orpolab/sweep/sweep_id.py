@@ -34,7 +34,9 @@ def derive(root: DictConfig) -> str:
         if key in EXCLUDED:
             continue
         node = root[key]
-        body[key] = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+        # Enums as their names: the hash reads the values the YAML files and overrides hold.
+        body[key] = OmegaConf.to_container(node, resolve=True, enum_to_str=True) if isinstance(node, DictConfig) \
+            else node
     payload = json.dumps({"overrides": overrides, "config": body}, sort_keys=True, default=str)
     return "sweep-" + hashlib.sha256(payload.encode()).hexdigest()[:10]
 

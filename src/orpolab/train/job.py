@@ -19,26 +19,17 @@ from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
 from orpolab.core import tracking
-from orpolab.core.config import DataConfig, LoraSettings, MethodConfig, ModelConfig, OptimConfig
+from orpolab.core.config import DataConfig, LoraSettings, MethodConfig, ModelConfig, OptimConfig, settings
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import write_json_atomic
 from orpolab.core.machine import available_cores
+from orpolab.core.validate import validate
 from orpolab.train.checkpoints import AtomicCheckpointIO, remove_partial_saves
 from orpolab.train.data import PreferenceDataModule, prepare
 from orpolab.train.model import apply_lora, load_model, load_tokenizer
 from orpolab.train.module import PreferenceModule
 
 log = logging.getLogger(__name__)
-
-
-def _struct(cls, node: DictConfig):
-    """Build one of our dataclasses from a config node, naming unknown keys clearly."""
-    values = OmegaConf.to_container(node, resolve=True)
-    fields = set(cls.__dataclass_fields__)
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise OrpolabError(f"unknown key(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
-    return cls(**values)
 
 
 def job_context(cfg: DictConfig, create_parent: bool = True) -> dict:
@@ -99,6 +90,10 @@ class NullJob:
 
 def run(cfg: DictConfig) -> float | None:
     """Train one job; returns its best selection value (None for a failed job inside a sweep)."""
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        # A single run is checked here, before its MLflow run exists; a sweep checked every job's
+        # config before its first job started (orpolab.sweep.preflight).
+        validate(cfg)
     if global_rank() != 0:
         return fit(cfg, NullJob(), Path(job_context(cfg, create_parent=False)["output_dir"]))
     ctx = job_context(cfg)
@@ -186,7 +181,7 @@ def start_job_run(cfg: DictConfig, ctx: dict) -> tracking.JobRun:
     mlcfg = cfg.logger.mlflow
     tags = {
         **base_tags(ctx), "orpolab.model": str(cfg.model.name_or_path), "orpolab.method": str(cfg.method.name),
-        "orpolab.selection_metric": cfg.selection.metric, "orpolab.selection_mode": cfg.selection.mode,
+        "orpolab.selection_metric": cfg.selection.metric, "orpolab.selection_mode": str(cfg.selection.mode),
         **tracking.reproducibility_tags(cfg.paths.root_dir),
     }
     name = f"job {ctx['job_num']}: {ctx['overrides']}" if ctx["multirun"] else cfg.task_name
@@ -202,14 +197,17 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
     threads = torch_threads(cfg)
     torch.set_num_threads(threads)
     job.set_tags({"orpolab.torch_threads": str(threads)})
-    model_cfg = _struct(ModelConfig, cfg.model)
-    lora_cfg = _struct(LoraSettings, cfg.lora)
-    optim_cfg = _struct(OptimConfig, cfg.optim)
-    data_cfg = _struct(DataConfig, cfg.data)
-    method_cfg = _struct(MethodConfig, cfg.method)
+    model_cfg = settings(ModelConfig, cfg.model, "model")
+    lora_cfg = settings(LoraSettings, cfg.lora, "lora")
+    optim_cfg = settings(OptimConfig, cfg.optim, "optim")
+    data_cfg = settings(DataConfig, cfg.data, "data")
+    method_cfg = settings(MethodConfig, cfg.method, "method")
 
     tokenizer = load_tokenizer(model_cfg)
+    log.info("tokenizer: %s (%d tokens)", model_cfg.name_or_path, len(tokenizer))
     data = prepare(data_cfg, tokenizer)
+    log.info("data: %d train and %d held-out pairs from %s (hash %s)", data.stats["train_pairs"],
+             data.stats["eval_pairs"], data_cfg.path, data.data_hash)
     job.set_tags({"orpolab.data_hash": data.data_hash})
     job.log_metrics({"data/train_pairs": data.stats["train_pairs"], "data/eval_pairs": data.stats["eval_pairs"],
                      "data/train_skipped": sum(data.stats["train_skipped"].values()),
@@ -217,18 +215,27 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
                      "data/train_truncated": data.stats["train_truncated"]})
     job.log_dict(data.stats, "data_stats.json")
 
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True, enum_to_str=True)
     gradient_checkpointing = bool(trainer_cfg.pop("gradient_checkpointing", False))
     base = load_model(model_cfg, lora_cfg, gradient_checkpointing)
     model = apply_lora(base, model_cfg, lora_cfg)
+    log.info("model: %s (%s%s), LoRA r=%d on %s", model_cfg.name_or_path, model_cfg.dtype,
+             ", 4-bit" if lora_cfg.load_in_4bit else "", lora_cfg.r,
+             lora_cfg.target_modules or model_cfg.lora_target_modules)
     module = PreferenceModule(model, method_cfg, optim_cfg, logps_chunk_size=model_cfg.logps_chunk_size)
+    log.info("module: %s, lr %g, %s schedule", method_cfg.name, optim_cfg.lr, optim_cfg.schedule)
     datamodule = PreferenceDataModule(data, data_cfg, tokenizer.pad_token_id, cfg.seed)
+    log.info("datamodule: batches of %d pairs (held out: %d)", data_cfg.batch_size, data_cfg.eval_batch_size)
 
     from hydra.utils import instantiate
 
     checkpoint_dir = output_dir / "checkpoints"
     remove_partial_saves(checkpoint_dir)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
+    # Plain values: mode: ${selection.mode} is an enum in the config, and Lightning writes a callback's
+    # mode into the key its state has in checkpoints (a str, so resuming finds it again).
+    callback_nodes = OmegaConf.to_container(cfg.callbacks, resolve=True, enum_to_str=True)
+    callbacks = [instantiate(node) for node in callback_nodes.values()]
+    log.info("callbacks: %s", ", ".join(type(c).__name__ for c in callbacks))
     checkpoints = [c for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint)]
     for cb in checkpoints:
         cb.dirpath = str(checkpoint_dir)
@@ -237,11 +244,13 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
     if checkpoint is None or latest is None:
         raise OrpolabError("callbacks must include a ModelCheckpoint monitoring the selection metric and one "
                            "without a monitor (conf/callbacks/default.yaml has both)")
-    logger = JobLogger(experiment_name=cfg.logger.mlflow.experiment_name,
-                          tracking_uri=cfg.logger.mlflow.tracking_uri, run_id=job.run_id, log_model=False)
+    logger = instantiate(cfg.logger.mlflow, run_id=job.run_id)  # into the job's own run, created before
+    log.info("logger: %s, run %s", type(logger).__name__, job.run_id)
 
     trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir),
                           plugins=[AtomicCheckpointIO()])
+    log.info("trainer: %s, %s steps, precision %s", trainer.accelerator.__class__.__name__, trainer.max_steps,
+             trainer.precision)
 
     job.set_tags({"orpolab.world_size": str(trainer.world_size)})
     ckpt_path = resume or resolve_resume(cfg.get("resume_from"), checkpoint_dir)
@@ -257,7 +266,7 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
     best = float(checkpoint.best_model_score)
     job.log_metrics({f"best/{cfg.selection.metric}": best}, step=trainer.global_step)
     result = {
-        "run_id": job.run_id, "selection_metric": cfg.selection.metric, "selection_mode": cfg.selection.mode,
+        "run_id": job.run_id, "selection_metric": cfg.selection.metric, "selection_mode": str(cfg.selection.mode),
         "best_value": best, "best_checkpoint": checkpoint.best_model_path,
         "last_checkpoint": latest.best_model_path,
         "global_step": trainer.global_step, "model": model_cfg.name_or_path, "data_hash": data.data_hash,

@@ -68,8 +68,6 @@ def load_model(cfg: ModelConfig, lora: LoraSettings | None = None, gradient_chec
     from transformers import AutoModelForCausalLM
 
     _check_path(cfg.name_or_path)
-    if cfg.dtype not in DTYPES and cfg.dtype != "auto":
-        raise OrpolabError(f"model.dtype must be one of {sorted(DTYPES)} or 'auto', got {cfg.dtype!r}")
     kwargs = {"dtype": DTYPES.get(cfg.dtype, "auto"), "revision": cfg.revision,
               "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:

@@ -30,8 +30,6 @@ class PreferenceModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, method: MethodConfig, optim: OptimConfig, logps_chunk_size: int = 1024):
         super().__init__()
         self.logps_chunk_size = logps_chunk_size
-        if optim.lr <= 0:
-            raise OrpolabError(f"optim.lr must be positive, got {optim.lr}")
         self.model, self.method, self.optim = model, method, optim
         if method.name == "dpo" and not hasattr(model, "disable_adapter"):
             raise OrpolabError("DPO's reference is the base with the LoRA adapter disabled: the model needs an adapter")
@@ -157,8 +155,6 @@ class PreferenceModule(L.LightningModule):
             "linear": lambda: get_linear_schedule_with_warmup(optimizer, warmup, total),
             "constant": lambda: get_constant_schedule_with_warmup(optimizer, warmup),
         }
-        if self.optim.schedule not in schedules:
-            raise OrpolabError(f"optim.schedule must be one of {sorted(schedules)}, got {self.optim.schedule!r}")
         scheduler = schedules[self.optim.schedule]()
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

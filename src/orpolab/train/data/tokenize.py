@@ -144,11 +144,6 @@ class PreparedData:
 
 def prepare(cfg: DataConfig, tokenizer) -> PreparedData:
     """Tokenized train and eval pairs, from the on-disk cache when this tokenizer saw them before."""
-    if cfg.max_prompt_length >= cfg.max_length:
-        raise OrpolabError(
-            f"data.max_prompt_length ({cfg.max_prompt_length}) must be below data.max_length "
-            f"({cfg.max_length}) so every completion keeps some tokens"
-        )
     ensure_chat_template(tokenizer, cfg.fallback_chat_template)
     key_fields = {
         "version": CACHE_VERSION,
