@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from .conftest import RANDOM_TINY, run_train
+from .conftest import RANDOM_TINY, ROOT, run_train
 
 QUICK = ["experiment=demo", RANDOM_TINY, "trainer.max_steps=6", "trainer.val_check_interval=3", "export.enabled=false",
          "trainer.enable_progress_bar=false"]
@@ -45,12 +45,14 @@ def test_two_by_two_sweep_gives_four_runs_under_one_parent(tiny_models, tracking
 
 
 def test_a_failing_job_does_not_stop_the_sweep(tiny_models, tracking_uri, tmp_path):
-    good = tiny_models / "tiny_llama"
-    proc = run_train(["-m", *QUICK, f"model.name_or_path={good},/nonexistent/model,{good}",
+    # A data file that is missing when the job reads it (the settings themselves are checked before the
+    # sweep starts, and a bad one stops it: tests/test_config.py).
+    good = ROOT / "data" / "sample" / "train.jsonl"
+    proc = run_train(["-m", *QUICK, f"data.path={good},/nonexistent/train.jsonl,{good}",
                       f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 job(s) finished, 1 failed" in proc.stdout
-    assert "model path /nonexistent/model does not exist" in proc.stdout
+    assert "data path /nonexistent/train.jsonl does not exist" in proc.stdout
     children = [r for r in MlflowClient(tracking_uri).search_runs(["1"]) if r.data.tags.get("orpolab.role") == "job"]
     status = {r.data.tags["orpolab.job_num"]: r.info.status for r in children}
     assert status == {"0": "FINISHED", "1": "FAILED", "2": "FINISHED"}

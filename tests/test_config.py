@@ -1,0 +1,206 @@
+"""Typed configs: every group option composes; wrong keys, types and values stop before any job starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import open_dict
+
+from orpolab.core import config as schema
+from orpolab.core.config import ExportConfig, MethodConfig, settings
+from orpolab.core.errors import OrpolabError
+from orpolab.core.tracking import flatten
+from orpolab.core.validate import validate
+from orpolab.sweep import preflight
+from orpolab.sweep.sweep_id import derive
+
+from .conftest import RANDOM_TINY, ROOT, compose, run_train
+
+# Every option of every group; the root's own defaults fill in the rest.
+OPTIONS = [
+    *[f"model={m}" for m in ("llama1b", "llama3b", "phi35", "mistral_small", "hf", "tiny_llama", "tiny_phi",
+                             "tiny_mistral")],
+    *[f"data={d}" for d in ("orpo_dpo_mix", "pairs", "sample")],
+    *[f"method={m}" for m in ("orpo", "dpo", "simpo", "sft")],
+    "lora=qlora", "experiment=demo", "trainer=cpu", "trainer=gpu", "trainer=ddp",
+    *[f"eval_prompts={p}" for p in ("heldout", "finetome", "sample")],
+    "hydra/launcher=parallel",
+]
+# A config that passes validation without local files: the default hub model on the bundled data.
+VALID = ["data=sample", "eval_prompts=sample"]
+
+
+def nothing_tracked(tracking_uri: str) -> bool:
+    """No MLflow run, not even an experiment: the test's SQLite store was never opened."""
+    return not Path(tracking_uri.removeprefix("sqlite:///")).exists()
+
+
+def composition_error(overrides: list[str], tmp_path: Path) -> str:
+    """Hydra's message for a config it refuses to compose, with the cause it prints below it."""
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(overrides, tmp_path)
+    return f"{info.value} {info.value.__cause__ or ''}"
+
+
+def test_every_group_option_composes(tmp_path):
+    for option in OPTIONS:
+        cfg = compose([option], tmp_path)
+        assert cfg.method.name in ("orpo", "dpo", "simpo", "sft"), option
+    demo = compose(["experiment=demo", "method=dpo"], tmp_path)
+    assert demo.optim.lr == 5.0e-5  # ${lr_per_method.${method.name}}: the enum resolves as its name
+
+
+@pytest.mark.parametrize("override,key,hint", [
+    ("optim.lr=abc", "optim.lr", "could not be converted to Float"),
+    ("selection.mode=maximum", "selection.mode", "expected one of [min, max]"),
+    ("lora.bnb_4bit_compute_dtype=float8", "lora.bnb_4bit_compute_dtype", "expected one of [bfloat16, float16"),
+    ("export.verify.max_ppl_ratio.Q4_KM=1.2", "export.verify.max_ppl_ratio.Q4_KM",
+     "valid: [F16, Q8_0, Q4_K_M, Q5_K_M, Q6_K, Q4_0]"),
+    ("+export.verify.min_top1_agreement.q4_k_m=0.9", "export.verify.min_top1_agreement.q4_k_m", "valid: [F16"),
+    ("export.quant_types=[Q4_K_M,Q3_K]", "export.quant_types[1]", "Invalid value 'Q3_K'"),
+    ("evaluation.quant=Q2_K", "evaluation.quant", "Invalid value 'Q2_K'"),
+    ("model.dtype=int8", "model.dtype", "Invalid value 'int8'"),
+    ("method.name=ipo", "method.name", "expected one of [orpo, dpo, simpo, sft]"),
+    ("orpo.nll_on=prompt", "orpo.nll_on", "expected one of [full, completion]"),
+    ("data.schema=json", "data.schema", "expected one of [messages, strings]"),
+    ("optim.schedule=step", "optim.schedule", "expected one of [cosine, linear, constant]"),
+    ("seed=abc", "seed", "could not be converted to Integer"),
+    ("eval_before_training=maybe", "eval_before_training", "is not a valid bool"),
+    ("+lr_per_method.orpo=fast", "lr_per_method.orpo", "could not be converted to Float"),
+])
+def test_wrong_type_or_value_on_the_command_line_names_the_key(tmp_path, override, key, hint):
+    message = composition_error([override], tmp_path)
+    assert f"full_key: {key}" in message and hint in message, message
+
+
+def test_typo_or_wrong_type_in_a_yaml_file_names_the_file_and_the_key(tmp_path):
+    (tmp_path / "optim").mkdir()
+    (tmp_path / "optim" / "typo.yaml").write_text("defaults:\n  - adamw\n  - _self_\nlearning_rate: 1.0e-4\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "long.yaml").write_text("defaults:\n  - sample\n  - _self_\nmax_length: long\n")
+    search = f"hydra.searchpath=[file://{tmp_path}]"
+    message = composition_error([search, "optim=typo"], tmp_path / "out")
+    assert "In 'optim/typo'" in message and "Key 'learning_rate' not in 'OptimConfig'" in message
+    message = composition_error([search, "data=long"], tmp_path / "out")
+    assert "In 'data/long'" in message and "full_key: data.max_length" in message
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["orpo.beta=0"], "orpo.beta must be positive, got 0.0"),
+    (["method=dpo", "method.beta=-0.1"], "method.beta must be positive, got -0.1"),
+    (["method=simpo", "method.beta=0"], "method.beta must be positive"),
+    (["optim.lr=-1.0"], "optim.lr must be positive, got -1.0"),
+    (["method=dpo", "method.label_smoothing=0.5"], "method.label_smoothing must be in [0, 0.5), got 0.5"),
+    (["data.max_prompt_length=160"], "data.max_prompt_length (160) must be positive and below data.max_length (160)"),
+    (["evaluation.judge.metrics=[RESPONSE_CORRECTNESS_5POINTS]"],
+     "unknown judge metric(s) RESPONSE_CORRECTNESS_5POINTS; available: RESPONSE_CORRECTNESS_3POINT"),
+    (["model.name_or_path=./no/such/model"], "model.name_or_path: model path ./no/such/model does not exist"),
+    (["trainer.max_steps=50"], "trainer.val_check_interval (100) must be at most trainer.max_steps (50)"),
+    (["export.quant_types=[F16]"], "export.quant_types must not include F16"),
+    (["evaluation.quant=Q8_0"], "evaluation.quant Q8_0 is not among the exported files (F16, Q4_K_M)"),
+    (["eval_prompts.checker=lookup"], "eval_prompts.checker must be null or a node with _target_"),
+    (["model=hf"], "model.name_or_path: Missing mandatory value"),
+    (["experiment=demo", "method=dpo", "~lr_per_method.dpo"],
+     "optim.lr: Interpolation key 'lr_per_method.dpo' not found"),
+])
+def test_validator_names_each_bad_value(tmp_path, overrides, message):
+    cfg = compose(VALID + overrides, tmp_path)
+    with pytest.raises(OrpolabError) as info:
+        validate(cfg)
+    assert message in str(info.value)
+
+
+def test_validator_reports_every_problem_in_one_line(tmp_path):
+    assert validate(compose(VALID, tmp_path)) is None
+    with pytest.raises(OrpolabError) as info:
+        validate(compose(VALID + ["optim.lr=0", "orpo.beta=-1"], tmp_path))
+    assert "\n" not in str(info.value)
+    assert "orpo.beta must be positive" in str(info.value) and "optim.lr must be positive" in str(info.value)
+
+
+def test_single_run_stops_before_its_mlflow_run(tracking_uri, tmp_path):
+    from orpolab.train.job import run
+
+    with pytest.raises(OrpolabError, match="optim.lr must be positive, got 0.0"):
+        run(compose(VALID + ["optim.lr=0"], tmp_path / "job"))
+    assert nothing_tracked(tracking_uri)
+
+
+def sweep_problems(overrides: list[str], tmp_path: Path) -> str:
+    """``train.py -m <overrides>`` as far as the sweep's check: the config Hydra composes, then check_sweep."""
+    schema.register_schemas()
+    fixed = [o for o in overrides if "," not in o]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=fixed, return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.overrides.task = overrides
+            cfg.hydra.job.config_name = "train"
+        assert len(preflight.job_overrides(cfg)) > 1
+        try:
+            preflight.check_sweep(cfg)
+        except OrpolabError as err:
+            return str(err)
+    return ""
+
+
+def test_sweep_check_composes_every_job(tmp_path):
+    # The values interact: the base config (ORPO) is fine, the DPO job's learning rate is not.
+    message = sweep_problems(VALID + ["experiment=demo", "lr_per_method.dpo=-1", "method=orpo,dpo"], tmp_path)
+    assert message == "optim.lr must be positive, got -1.0, in job 1 (method=dpo)"
+    # A sweep value of the wrong type, which Hydra would only find when that job starts.
+    message = sweep_problems(VALID + ["optim.lr=1e-4,abc"], tmp_path)
+    assert "Error merging override optim.lr=abc" in message and "optim.lr: Value 'abc'" in message
+    assert "in job 1 (optim.lr=abc)" in message
+    assert sweep_problems(VALID + ["orpo.beta=0.05,0.1"], tmp_path) == ""
+
+
+def test_bad_sweep_value_stops_the_command_before_any_job(tracking_uri, tmp_path):
+    proc = run_train(["-m", "experiment=demo", RANDOM_TINY, "orpo.beta=0.05,-1", f"hydra.sweep.dir={tmp_path / 's'}"])
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: orpo.beta must be positive, got -1.0 (method orpo), in job 1 (orpo.beta=-1)" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "s" / "0").exists()
+    assert nothing_tracked(tracking_uri)
+
+
+def test_wrong_type_stops_the_command_without_a_traceback(tracking_uri):
+    proc = run_train(["lora.bnb_4bit_compute_dtype=float8"])
+    assert proc.returncode == 1
+    assert "Error merging override lora.bnb_4bit_compute_dtype=float8" in proc.stderr
+    assert "full_key: lora.bnb_4bit_compute_dtype" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert nothing_tracked(tracking_uri)
+
+
+def test_enums_reach_code_mlflow_and_the_sweep_id_as_plain_strings(tmp_path):
+    cfg = compose(["experiment=demo", "selection.mode=max", "export.quant_types=[Q8_0]"], tmp_path)
+    flat = flatten(cfg)
+    assert flat["selection.mode"] == "max" and flat["method.name"] == "orpo" and flat["model.dtype"] == "float32"
+    assert flat["export.quant_types"] == "['Q8_0']"
+    method = settings(MethodConfig, cfg.method, "method")
+    assert method.name == "orpo" and f"{method.name}" == "orpo" and json.dumps(method.name) == '"orpo"'
+    assert {"orpo": 1}[method.name] == 1
+    assert derive(cfg) == derive(compose(["experiment=demo", "selection.mode=max", "export.quant_types=[Q8_0]"],
+                                         tmp_path))
+
+
+def test_every_choice_is_named_as_its_value():
+    """OmegaConf matches an enum by name, and the code compares its value: they must be the same string."""
+    for choice in schema.Choice.__subclasses__():
+        assert all(name == member.value or member.value in choice.__members__
+                   for name, member in choice.__members__.items()), choice
+
+
+def test_export_settings_outside_hydra_are_checked_the_same_way():
+    cfg = ExportConfig.from_node({"quant_types": ["q8_0"], "verify": {"max_ppl_ratio": {"Q8_0": 1.1}}})
+    assert cfg.quant_types == ["Q8_0"] and cfg.verify.max_ppl_ratio["Q8_0"] == 1.1
+    with pytest.raises(OrpolabError, match=r"export.verify.max_ppl_ratio.Q4_KM: Key 'Q4_KM' is incompatible .*"
+                                           r"valid: \[F16, Q8_0, Q4_K_M"):
+        ExportConfig.from_node({"verify": {"max_ppl_ratio": {"Q4_KM": 1.2}}})
+    with pytest.raises(OrpolabError, match="export.quant_types must not include F16"):
+        ExportConfig.from_node({"quant_types": ["F16"]})
