@@ -14,6 +14,10 @@ ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("ORPOLAB_ROOT", str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing, too
 
+from orpolab.core import console  # noqa: E402
+
+console.quiet_libraries()  # before the libraries are imported: their notices go to the log files
+
 from orpolab.core.config import register_schemas  # noqa: E402
 from orpolab.sweep import sweep_id  # noqa: E402
 from orpolab.train.job import main as run_job  # noqa: E402

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +15,14 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from orpolab.core import tracking
+from orpolab.core import console, tracking
 from orpolab.sweep import preflight, sweep_id
 
 sweep_id.register()
 
 log = logging.getLogger(__name__)
+# A post-sweep stage that runs longer than this is stopped (a real 3.8B judge takes most of a minute per verdict).
+STAGE_TIMEOUT_ENV, STAGE_TIMEOUT_S = "ORPOLAB_STAGE_TIMEOUT_S", 12 * 3600
 
 
 def sweep_dir_of(config: DictConfig) -> str:
@@ -34,6 +37,7 @@ class SweepCallback(Callback):
     first job (``tracking.ensure_sweep_run``), so a sweep rejected by Hydra leaves nothing behind.
     """
 
+    @console.exit_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         preflight.stop_unless_valid(config)  # every job's config, before any job or MLflow run exists
         pin_sweep_dir(config)
@@ -50,6 +54,7 @@ class SweepCallback(Callback):
         with open(Path(sweep_dir_of(config)) / "returns.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
+    @console.exit_on_error
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         uri, name = config.logger.mlflow.tracking_uri, config.logger.mlflow.experiment_name
         sweep_dir = sweep_dir_of(config)
@@ -147,9 +152,18 @@ def pin_sweep_dir(config: DictConfig) -> str:
 
 
 def run_stage(name: str, title: str, module: str, args: list[str], retry_hint: str) -> bool:
-    """A post-sweep stage in its own process: the jobs' memory is freed and a crash stays contained."""
+    """A post-sweep stage in its own process: the jobs' memory is freed and a crash stays contained.
+
+    It stops after ``ORPOLAB_STAGE_TIMEOUT_S`` seconds (12 hours unless set), so a hung stage does not
+    hold a cluster allocation forever; either way the line says which stage and how to rerun it.
+    """
+    timeout = float(os.environ.get(STAGE_TIMEOUT_ENV) or STAGE_TIMEOUT_S)
     print(f"\n{title} ...", flush=True)
-    proc = subprocess.run([sys.executable, "-m", module, *args])
+    try:
+        proc = subprocess.run([sys.executable, "-m", module, *args], timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{name} timed out after {timeout:g} s ({STAGE_TIMEOUT_ENV}); {retry_hint}", flush=True)
+        return False
     if proc.returncode != 0:
         print(f"{name} failed (exit {proc.returncode}); {retry_hint}", flush=True)
     return proc.returncode == 0
@@ -177,7 +191,7 @@ def summarize_sweep(tracking_uri: str, experiment: str, sweep_dir: str) -> dict 
             "run_id": run.info.run_id,
         })
     return {
-        "parent_run_id": parent.info.run_id, "jobs": jobs,
+        "parent_run_id": parent.info.run_id, "experiment_id": exp.experiment_id, "jobs": jobs,
         "finished": sum(j["status"] == "FINISHED" for j in jobs),
         "failed": sum(j["status"] == "FAILED" for j in jobs),
     }
@@ -187,11 +201,12 @@ def format_summary(summary: dict, tracking_uri: str, sweep_dir: str) -> str:
     lines = [f"\nSweep finished: {summary['finished']} job(s) finished, {summary['failed']} failed."]
     for job in summary["jobs"]:
         value = f"{job['best']:.4f}" if job["best"] is not None else "-"
-        line = f"  job {job['job']:>3}  {job['status']:<9} best={value:<8} {job['overrides']}"
+        line = f"  job {job['job']:>3}  {job['status']:<9} best={value:<8} {console.brief_overrides(job['overrides'])}"
         if job["error"]:
             line += f"\n             error: {job['error'][:300]}"
         lines.append(line)
     lines.append(f"Sweep folder: {sweep_dir}")
-    lines.append(f"MLflow UI:    mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
+    page = f"http://127.0.0.1:5000/#/experiments/{summary.get('experiment_id', '')}"
+    lines.append(f"MLflow UI:    mlflow ui --backend-store-uri {tracking_uri}   (then open {page})")
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from orpolab.core import tracking
+from orpolab.core import console, tracking
 from orpolab.core.config import DataConfig, LoraSettings, MethodConfig, ModelConfig, OptimConfig, settings
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import write_json_atomic
@@ -107,7 +107,7 @@ def run(cfg: DictConfig) -> float | None:
             done = finished_value(previous, Path(ctx["output_dir"]))
             if done is not None:
                 log.info("job %s finished in an earlier run of this sweep (%s); skipped", ctx["job_num"],
-                         previous.info.run_id)
+                         previous.info.run_id, extra=console.SHOW)
                 return done
             # Interrupted (killed, preempted) or failed before: continue the same MLflow run, from
             # the job's last checkpoint when it has one.
@@ -118,7 +118,8 @@ def run(cfg: DictConfig) -> float | None:
             attempts = int(previous.data.tags.get("orpolab.attempts", "1")) + 1
             job.set_tags({"orpolab.attempts": str(attempts), "orpolab.resumed_from": resume or "start",
                           "orpolab.error": ""})
-            log.info("job %s: resuming run %s from %s", ctx["job_num"], job.run_id, resume or "the start")
+            log.info("job %s: resuming run %s from %s", ctx["job_num"], job.run_id, resume or "the start",
+                     extra=console.SHOW)
         else:
             job = start_job_run(cfg, ctx)
         best = fit(cfg, job, Path(ctx["output_dir"]), resume)
@@ -301,10 +302,16 @@ def resolve_resume(resume_from: str | None, checkpoint_dir: Path) -> str | None:
 
 
 def main(cfg: DictConfig) -> float | None:
-    """Hydra task function: user errors become one line (single run) instead of a traceback."""
+    """Hydra task function: a single run's errors become ``error: ...`` and exit 1 instead of a traceback.
+
+    (In a sweep, ``run`` records a job's error on its MLflow run and the sweep goes on.) The traceback
+    still goes to the job's log file; ``ORPOLAB_DEBUG=1`` lets it through to the console.
+    """
     try:
         return run(cfg)
-    except OrpolabError as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        if console.debug():
+            raise
+        log.error("%s: %s", type(err).__name__, err, exc_info=True, extra=console.HIDE)
+        print(console.error_line(err), file=sys.stderr, flush=True)
         sys.exit(1)
