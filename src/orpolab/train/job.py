@@ -236,6 +236,8 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
     # mode into the key its state has in checkpoints (a str, so resuming finds it again).
     callback_nodes = OmegaConf.to_container(cfg.callbacks, resolve=True, enum_to_str=True)
     callbacks = [instantiate(node) for node in callback_nodes.values()]
+    if not trainer_cfg.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
     log.info("callbacks: %s", ", ".join(type(c).__name__ for c in callbacks))
     checkpoints = [c for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint)]
     for cb in checkpoints:
