@@ -5,6 +5,9 @@
   fetched through the package registry (``pip download``) once and cached, so converter and
   runtime always come from the same llama.cpp.
 * ``llama_model_quantize`` (the bindings) quantizes a GGUF.
+
+Both print a line per tensor; with :func:`route_logs` those lines, and llama.cpp's model-loader
+log, go to a file (``<sweep>/logs/llama.cpp.log``) instead of the console.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from orpolab.core import console
 from orpolab.core.config import QUANT_TYPES
 from orpolab.core.errors import OrpolabError
 from orpolab.core.machine import available_cores
@@ -26,6 +30,47 @@ from orpolab.core.machine import available_cores
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 # Vocabulary-only GGUFs of real tokenizers from llama.cpp's test models (the benchmarks count real prompt tokens).
 VOCAB_FILES = ("models/ggml-vocab-phi-3.gguf", "models/ggml-vocab-llama-bpe.gguf")
+# Generous limits: converting a 22B model takes tens of minutes on a small machine; the sdist is about 60 MB.
+CONVERT_TIMEOUT_S = 4 * 3600
+DOWNLOAD_TIMEOUT_S = 900
+SETUP_HINT = "run `make setup` (or `python -m orpolab.export.llamacpp {cache}`) once, with network"
+
+_log_file: Path | None = None
+_log_callback = None  # the ctypes callback must outlive every llama.cpp call that may log through it
+
+
+def route_logs(log_file: Path | None) -> None:
+    """Send llama.cpp's own log (model loader, quantizer, per tensor) to ``log_file``, appended.
+
+    llama.cpp logs through one process-wide callback; llama-cpp-python's default prints to
+    stderr. ``None`` (or ``ORPOLAB_VERBOSE=1``) puts that default back. The converter subprocess and
+    whatever C code writes straight to stderr during a quantization go to the same file.
+    """
+    global _log_file, _log_callback
+    import llama_cpp
+    from llama_cpp import _logger
+
+    if log_file is None or console.verbose():
+        _log_file = None
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        _log_callback = None
+        return
+    _log_file = Path(log_file)
+    _log_file.parent.mkdir(parents=True, exist_ok=True)
+    sink = open(_log_file, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - lives as long as the callback
+
+    @llama_cpp.llama_log_callback
+    def to_file(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        sink.write(text.decode("utf-8", errors="replace"))
+        sink.flush()
+
+    _log_callback = to_file
+    llama_cpp.llama_log_set(to_file, ctypes.c_void_p(0))
+
+
+def log_file() -> Path | None:
+    """Where llama.cpp's log goes now (None: the console)."""
+    return _log_file
 
 
 def installed_version() -> str:
@@ -35,28 +80,28 @@ def installed_version() -> str:
         raise OrpolabError("llama-cpp-python is not installed; run `make setup`") from err
 
 
-def converter_dir(cache_dir: str | Path) -> Path:
-    """Folder holding llama.cpp's converter of the installed version, fetched on first use."""
+def converter_dir(cache_dir: str | Path, fetch: bool = True) -> Path:
+    """Folder holding llama.cpp's converter of the installed version.
+
+    Not cached yet: fetched from the package registry with a line saying so, or, with
+    ``fetch=False`` (the export), an error naming ``make setup``: an export should not start a
+    download nobody asked for.
+    """
     version = installed_version()
     target = Path(cache_dir) / f"llama.cpp-{version}"
     if all((target / part).exists() for part in CONVERTER_PARTS + VOCAB_FILES):
         return target
+    if not fetch:
+        raise OrpolabError(f"llama.cpp's converter for llama-cpp-python {version} is not in {target}; "
+                           + SETUP_HINT.format(cache=cache_dir))
+    print(f"downloading llama.cpp's converter (source of llama-cpp-python=={version}, about 60 MB) "
+          f"into {target} ...", flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--quiet",
-             f"llama-cpp-python=={version}", "-d", tmp],
-            capture_output=True, text=True,
-        )
-        archives = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if proc.returncode != 0 or not archives:
-            raise OrpolabError(
-                f"could not fetch llama-cpp-python=={version}'s source distribution from the package registry "
-                f"(it carries llama.cpp's convert_hf_to_gguf.py): {proc.stderr.strip()[-500:]}"
-            )
+        archive = download_sdist(version, Path(tmp))
         prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
         staging = Path(tmp) / "llama.cpp"
-        with tarfile.open(archives[0]) as tar:
+        with tarfile.open(archive) as tar:
             members = [m for m in tar.getmembers()
                        if m.name.startswith(prefix) and (m.name[len(prefix):].split("/")[0] in CONVERTER_PARTS
                                                          or m.name[len(prefix):] in VOCAB_FILES)]
@@ -69,12 +114,30 @@ def converter_dir(cache_dir: str | Path) -> Path:
     return target
 
 
+def download_sdist(version: str, folder: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """llama-cpp-python's source distribution, through pip (so the user's index settings apply)."""
+    what = f"downloading llama-cpp-python=={version}'s source distribution (it carries llama.cpp's converter)"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--quiet",
+             f"llama-cpp-python=={version}", "-d", str(folder)],
+            capture_output=True, text=True, timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as err:
+        raise OrpolabError(f"{what} timed out after {timeout:.0f} s; check the network or the package index") from err
+    archives = list(folder.glob("llama_cpp_python-*.tar.gz"))
+    if proc.returncode != 0 or not archives:
+        raise OrpolabError(f"{what} failed: {proc.stderr.strip()[-500:]}")
+    return archives[0]
+
+
 def convert(model_dir: Path, out_file: Path, cache_dir: str | Path, outtype: str = "f16",
-            name: str | None = None) -> Path:
+            name: str | None = None, timeout: float = CONVERT_TIMEOUT_S) -> Path:
     """HF folder -> GGUF with llama.cpp's converter, written to a temporary name, then renamed.
 
     ``name`` becomes the GGUF's ``general.name`` (front ends show it); the converter's default is
-    the folder's name.
+    the folder's name. Its output (a line per tensor) goes to the llama.cpp log file when one is
+    set (:func:`route_logs`); a failure or a run past ``timeout`` seconds names the step.
     """
     script = converter_dir(cache_dir) / "convert_hf_to_gguf.py"
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -82,12 +145,39 @@ def convert(model_dir: Path, out_file: Path, cache_dir: str | Path, outtype: str
     env = dict(os.environ)
     env.pop("NO_LOCAL_GGUF", None)  # the script then puts its own gguf-py first on sys.path
     args = [sys.executable, str(script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
-    proc = subprocess.run(args + (["--model-name", name] if name else []), capture_output=True, text=True, env=env)
-    if proc.returncode != 0 or not tmp.exists():
+    args += ["--model-name", name] if name else []
+    step = f"converting {model_dir} to GGUF"
+    try:
+        run_logged(args, step, timeout, env=env)
+    except OrpolabError:
         tmp.unlink(missing_ok=True)
-        raise OrpolabError(f"llama.cpp's converter failed on {model_dir}:\n{proc.stderr.strip()[-2000:]}")
+        raise
+    if not tmp.exists():
+        raise OrpolabError(f"{step} wrote no file" + (f"; see {log_file()}" if log_file() else ""))
     os.replace(tmp, out_file)
     return out_file
+
+
+def run_logged(args: list[str], step: str, timeout: float, env: dict | None = None) -> None:
+    """Run a tool to completion, its output appended to the llama.cpp log; a failure names ``step``.
+
+    The error carries the tool's last lines, so it says why without opening the log.
+    """
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as out:
+        try:
+            proc = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, timeout=timeout)
+            failure = None if proc.returncode == 0 else f"{step} failed (exit {proc.returncode})"
+        except subprocess.TimeoutExpired:
+            failure = f"{step} timed out after {timeout:g} s"
+        out.seek(0)
+        text = out.read()
+    target = log_file()
+    if target:
+        with open(target, "a", encoding="utf-8") as fh:
+            fh.write(f"\n$ {' '.join(args)}\n{text}")
+    if failure:
+        tail = "\n".join(text.strip().splitlines()[-15:])
+        raise OrpolabError(failure + (f"; its log: {target}" if target else "") + (f"\n{tail}" if tail else ""))
 
 
 def ftype(name: str) -> int:
@@ -106,10 +196,12 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> Pa
     params.ftype = ftype(quant)
     params.nthread = threads or available_cores()
     tmp = dst.with_name(f".{dst.name}.partial")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    with console.native_stderr_to(log_file()):  # anything the quantizer prints around the log callback
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0 or not tmp.exists():
         tmp.unlink(missing_ok=True)
-        raise OrpolabError(f"llama.cpp could not quantize {src} to {quant} (code {rc})")
+        where = f"; see {log_file()}" if log_file() else ""
+        raise OrpolabError(f"quantizing {src} to {quant} failed (llama.cpp code {rc}){where}")
     os.replace(tmp, dst)
     return dst
 
@@ -181,4 +273,4 @@ def write_added_tokens_decoder(folder: Path, tokenizer) -> None:
 
 if __name__ == "__main__":
     # `python -m orpolab.export.llamacpp [cache_dir]`: fetch the converter now (make setup does), not mid-export.
-    print(converter_dir(sys.argv[1] if len(sys.argv) > 1 else ".cache"))
+    sys.exit(console.run_cli(lambda: print(converter_dir(sys.argv[1] if len(sys.argv) > 1 else ".cache"))))

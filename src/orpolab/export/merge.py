@@ -8,6 +8,8 @@ does not fit stops with a sentence instead of being killed by the operating syst
 
 from __future__ import annotations
 
+import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -80,14 +82,26 @@ def load_adapter_state(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise OrpolabError(f"adapter checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # Tensors and plain containers only: unpickling a checkpoint must not run code from it.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         state = ckpt["state_dict"]
     except Exception as err:
-        raise OrpolabError(f"adapter checkpoint {path} is corrupt or not a Lightning checkpoint: {err}") from err
+        raise checkpoint_error(path, err) from err
     lora = {k.removeprefix("model."): v for k, v in state.items() if "lora_" in k}
     if not lora:
         raise OrpolabError(f"adapter checkpoint {path} holds no LoRA weights")
     return lora
+
+
+def checkpoint_error(path: Path, err: Exception) -> OrpolabError:
+    """Why a checkpoint did not load, in a sentence: an object torch refuses to unpickle, or a damaged file."""
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    if unsafe:
+        return OrpolabError(f"adapter checkpoint {path} holds an object of type {unsafe.group(1)} besides tensors and "
+                            "plain values; it is not loaded, because unpickling it could run code. Export a checkpoint "
+                            "written by orpolab's training.")
+    reason = "not a PyTorch file" if isinstance(err, pickle.UnpicklingError) else f"{type(err).__name__}: {err}"
+    return OrpolabError(f"adapter checkpoint {path} is corrupt or not a Lightning checkpoint ({reason})")
 
 
 def build_adapted(model_cfg: ModelConfig, lora_cfg: LoraSettings, ckpt_path: str | Path, dtype: torch.dtype):

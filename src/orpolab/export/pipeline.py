@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from orpolab.core import tracking
+from orpolab.core import console, tracking
 from orpolab.core.config import DataConfig, ExportConfig, LoraSettings, ModelConfig, settings
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import write_json_atomic
@@ -58,15 +57,28 @@ def base_model_dir(model_cfg: ModelConfig) -> Path:
         return local
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(model_cfg.name_or_path, revision=model_cfg.revision,
-                                  allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]))
+    def snapshot(local_only: bool) -> Path:
+        return Path(snapshot_download(model_cfg.name_or_path, revision=model_cfg.revision, local_files_only=local_only,
+                                      allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja",
+                                                      "*.txt"]))
+
+    try:
+        return snapshot(local_only=True)
+    except Exception:  # not (completely) in the hub cache: say so before a download of several GB
+        print(f"downloading the base model {model_cfg.name_or_path} from the Hugging Face hub (its weights, for "
+              "the base GGUF) ...", flush=True)
+    try:
+        return snapshot(local_only=False)
+    except Exception as err:
+        raise OrpolabError(f"could not download the base model {model_cfg.name_or_path} for its GGUF: {err}. "
+                           "Download it once with network, or pass --no-base.") from err
 
 
 def gguf_set(src: Path, stem: str, out_dir: Path, quants: list[str], cache_dir: str, name: str) -> dict[str, Path]:
-    """f16 GGUF via llama.cpp's converter, then each quantization of it."""
+    """f16 GGUF via llama.cpp's converter, then each quantization of it (one console line for all)."""
+    print(f"  {stem}: GGUF f16{''.join(', ' + q.upper() for q in quants)} ...", flush=True)
     files = {"F16": llamacpp.convert(src, out_dir / f"{stem}-f16.gguf", cache_dir, "f16", name=name)}
     for q in quants:
-        print(f"quantizing {stem} to {q} ...", flush=True)
         files[q.upper()] = llamacpp.quantize(files["F16"], out_dir / f"{stem}-{q.upper()}.gguf", q)
     return files
 
@@ -97,8 +109,10 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
     out = sweep / "export"
     gguf_dir = out / "gguf"
     cache_dir = str(Path(job_cfg.paths.cache_dir))
+    llamacpp.converter_dir(cache_dir, fetch=False)  # before any work: the converter is set up, or say how
     for label, w in winners.items():
-        print(f"{label}: job {w.job_num} ({w.overrides}), {w.metric} {w.value:.4f}", flush=True)
+        print(f"  {label}: job {w.job_num} ({console.brief_overrides(w.overrides)}), {w.metric} {w.value:.4f}",
+              flush=True)
 
     # Disk: a merged model + an f16 GGUF + quants per exported model (and the base), from the parameter count.
     n_params = parameter_count(AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision))
@@ -113,10 +127,9 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
     for label, w in winners.items():
         suffix = "" if label == "winner" else f"-{label}"
         lora_cfg = settings(LoraSettings, job_cfgs[label].lora, "lora")
-        print(f"merging the {label} adapter ...", flush=True)
+        print(f"  {label}: merging the adapter into {model_name} ...", flush=True)
         merged_dir = merge(model_cfg, lora_cfg, w.best_checkpoint, out / f"merged{suffix}",
                            adapter_dir=out / f"adapter{suffix}", headroom=export_cfg.memory_headroom)
-        print(f"converting {label} to GGUF ...", flush=True)
         title = "winner" if label == "winner" else f"{label} winner"
         files = gguf_set(merged_dir, label, gguf_dir, export_cfg.quant_types, cache_dir,
                          f"{model_name} orpolab {title} (job {w.job_num})")
@@ -159,15 +172,15 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
     print(format_verification(checks), flush=True)
     if not passed:
         raise OrpolabError(f"the exported GGUF does not match the trained model; see {out / 'export.json'}")
-    print(f"export: {out}", flush=True)
+    print(f"  export: {out}", flush=True)
     return summary
 
 
 def format_verification(checks: list[dict]) -> str:
-    lines = ["verification (GGUF vs merged PyTorch model on held-out text):"]
+    lines = ["  verification (GGUF vs merged PyTorch model on held-out text):"]
     for c in checks:
         lines.append(
-            f"  {Path(c['gguf']).name:<28} token ids {'identical' if not c['token_id_mismatches'] else 'DIFFER'}"
+            f"    {Path(c['gguf']).name:<22} token ids {'identical' if not c['token_id_mismatches'] else 'DIFFER'}"
             f"  ppl {c['ppl_gguf']:.3f} vs {c['ppl_pytorch']:.3f} (x{c['ppl_ratio']:.3f}, max {c['max_ppl_ratio']})"
             f"  top-1 {c['top1_agreement']:.3f} (min {c['min_top1_agreement']})  {'ok' if c['passed'] else 'FAILED'}"
         )
@@ -210,19 +223,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-base", action="store_true", help="do not convert the base model")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the project's mlflow.db)")
     parser.add_argument("--experiment", default="orpolab")
+    console.add_debug_flag(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console.quiet_libraries()
+    console.log_to(None)
     uri = args.tracking_uri or tracking.default_uri()
-    try:
+
+    def export() -> None:
         node = _sweep_export_node(Path(args.sweep_dir)) if args.sweep_dir else None
         cfg = ExportConfig.from_node(node)
         if args.quant:
             cfg = ExportConfig.from_node({**cfg.__dict__, "verify": cfg.verify.__dict__, "quant_types": args.quant})
         if args.no_base:
             cfg.include_base = False
+        parent = sweep_parent(uri, args.experiment, args.sweep_dir, args.run_id)
+        logs = Path(parent.data.tags[tracking.SWEEP_TAG]) / "logs"
+        console.log_to(logs / "export.log")  # libraries' logs; the console keeps orpolab's lines
+        llamacpp.route_logs(logs / "llama.cpp.log")
         export_sweep(uri, args.experiment, args.sweep_dir, args.run_id, cfg)
-    except OrpolabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
 
+    return console.run_cli(export, args.debug)

@@ -259,7 +259,8 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
     ckpt_path = resume or resolve_resume(cfg.get("resume_from"), checkpoint_dir)
     if cfg.eval_before_training and ckpt_path is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only: a checkpoint holds tensors and plain values; unpickling anything else could run code.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     if checkpoint.best_model_score is None:
         raise OrpolabError(
