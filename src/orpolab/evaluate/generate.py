@@ -60,7 +60,7 @@ def answer_prompts(gguf: Path, prompts: list[dict], out_file: Path, cfg: Generat
                 done[prompt["id"]] = row
                 if i == 2 and len(todo) > 3:  # an estimate once the speed is known
                     rate = (time.time() - started) / 3
-                    tqdm.write(f"{label}: about {rate * (len(todo) - 3):.0f} s left for {len(todo) - 3} prompts "
+                    tqdm.write(f"    {label}: about {rate * (len(todo) - 3):.0f} s left for {len(todo) - 3} prompts "
                                f"({tokens / (time.time() - started):.0f} tokens/s)")
         finally:
             llm.close()

@@ -17,21 +17,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from orpolab.core import tracking
+from orpolab.core import console, tracking
 from orpolab.core.config import DataConfig, GenerationConfig, settings
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import append_jsonl, read_jsonl, write_json_atomic
 from orpolab.evaluate.generate import answer_prompts
 from orpolab.evaluate.stats import bootstrap_mean_ci, judge_agreement, paired_comparison
+from orpolab.export import llamacpp
 from orpolab.train.data import SkipRow, load_rows, normalize_row, split_rows
 
 STAGES = ("generate", "judge", "score", "report")
+STAGE_TITLES = {"generate": "answers of the base and trained models", "judge": "a verdict on every answer",
+                "score": "means, paired differences, bootstrap intervals", "report": "report.md, plots, MLflow"}
 
 
 def make_checker(cfg: DictConfig):
@@ -145,7 +147,11 @@ class Evaluation:
         gen = settings(GenerationConfig, self.cfg.generation, "evaluation.generation")
         prompts = self.prompts()
         for model in self.models:
-            answer_prompts(self.gguf(model), prompts, self.out / f"answers-{model}.jsonl", gen, model)
+            rows = answer_prompts(self.gguf(model), prompts, self.out / f"answers-{model}.jsonl", gen, model)
+            answered = [r for r in rows if "answer" in r]
+            ended = sum(r["finish_reason"] == "stop" for r in answered) / max(1, len(answered))
+            skipped = f", {len(rows) - len(answered)} skipped (too long)" if len(rows) > len(answered) else ""
+            print(f"    {model}: {len(answered)} answers, {ended:.0%} ended by themselves{skipped}", flush=True)
 
     def judge(self) -> None:
         from flow_judge import EvalInput, FlowJudge
@@ -177,7 +183,7 @@ class Evaluation:
                                                       disable=None)):
                     if i == 2 and len(todo) > 3:  # an estimate once the judge's speed is known
                         per = (time.time() - started) / 2
-                        tqdm.write(f"judging: about {per * (len(todo) - 2) / 60:.1f} min left for "
+                        tqdm.write(f"    judging: about {per * (len(todo) - 2) / 60:.1f} min left for "
                                    f"{len(todo) - 2} verdicts ({per:.1f} s each)")
                     inputs = {"query": prompts[pid]["prompt"]}
                     if "reference_answer" in metric.required_inputs:
@@ -191,6 +197,9 @@ class Evaluation:
                                             "feedback": verdict.feedback, "judge": judge_name})
             finally:
                 backend.close()
+            verdicts = read_jsonl(out_file)
+            failures = sum(v["score"] < 0 for v in verdicts)
+            print(f"    {metric_name}: {len(verdicts)} verdicts, {failures} unparsable", flush=True)
 
     def score(self) -> dict:
         boot = self.cfg.bootstrap
@@ -300,20 +309,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", choices=STAGES, action="append", help="run only these stages (repeatable)")
     parser.add_argument("--report-dir", default=None, help="default: report/ in the project")
     parser.add_argument("--tracking-uri", default=None)
+    console.add_debug_flag(parser)
     args = parser.parse_args(argv)
     root = Path(os.environ.get("ORPOLAB_ROOT", Path.cwd()))
     uri = args.tracking_uri or tracking.default_uri()
-    try:
+    console.quiet_libraries()
+    console.log_to(None)
+
+    def evaluate() -> None:
         ev = Evaluation(args.sweep_dir, uri)
+        console.log_to(ev.sweep / "logs" / "evaluation.log")  # libraries' logs; the console keeps orpolab's lines
+        llamacpp.route_logs(ev.sweep / "logs" / "llama.cpp.log")
         for stage in args.stage or STAGES:
-            print(f"evaluation stage: {stage}", flush=True)
+            print(f"  {stage}: {STAGE_TITLES[stage]} ...", flush=True)
             if stage == "report":
                 path = ev.report(Path(args.report_dir) if args.report_dir else root / "report")
+                from orpolab.evaluate.report import headline
+
+                results = json.loads((ev.out / "results.json").read_text())
+                print("\n".join(headline(results, ev.export)), flush=True)
                 print(f"report: {path}", flush=True)
             else:
                 getattr(ev, stage)()
-    except OrpolabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
 
+    return console.run_cli(evaluate, args.debug)

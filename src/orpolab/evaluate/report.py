@@ -16,6 +16,8 @@ from pathlib import Path
 
 import matplotlib
 
+from orpolab.core import console
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -159,6 +161,38 @@ def method_comparison(r: ReportInputs) -> list[str]:
     return md
 
 
+def headline(results: dict, export: dict) -> list[str]:
+    """The result in a few lines: each trained model against its base, with 95% intervals.
+
+    What the sweep was for, read from ``results.json`` (the score stage) and ``export.json``; the
+    console ends with it and the report opens with it.
+    """
+    exported = export.get("winners") or {"winner": export["winner"]}
+    models = results.get("models_order") or ["base", *exported]
+    trained = [m for m in models if m != "base"]
+    lines = []
+    for m in trained:
+        e = exported.get(m, {})
+        lines.append(f"Result: {m} = job {e.get('job', '?')} ({console.brief_overrides(e.get('overrides', ''))}), "
+                     f"{e.get('metric', '')} {e.get('value', float('nan')):.4f}; against its base on "
+                     f"{results['prompts']} prompts ({results['quant']} GGUFs), 95% intervals:")
+        base_acc, acc = results["models"]["base"].get("accuracy"), results["models"][m].get("accuracy")
+        paired = results.get("accuracy_paired", {}).get(m, {})
+        if base_acc and acc:
+            lines.append(f"  exact-answer accuracy  base {_interval(base_acc)}  {m} {_interval(acc)}  "
+                         f"paired difference {_diff(paired)}")
+        for name, entry in results["metrics"].items():
+            p = entry["paired"].get(m, {})
+            note = "  (stand-in judge: means nothing)" if results.get("stand_in") else ""
+            label = name.removeprefix("RESPONSE_").lower().replace("_", ", ")
+            lines.append(f"  judge ({label})  base {_interval(entry.get('base'))}  "
+                         f"{m} {_interval(entry.get(m))}  paired difference {_diff(p)}, "
+                         f"wins/ties/losses {p.get('wins', 0)}/{p.get('ties', 0)}/{p.get('losses', 0)}{note}")
+        ends = {k: results["models"][k]["ended_by_eos"] for k in ("base", m)}
+        lines.append(f"  answers that end by themselves  base {ends['base']:.0%}  {m} {ends[m]:.0%}")
+    return lines
+
+
 def write_report(r: ReportInputs, report_dir: Path) -> Path:
     """``report.md`` with its figures in ``report_dir``; returns the Markdown file."""
     results, models, trained, rows, exported = r.results, r.models, r.trained, r.jobs, r.exported
@@ -167,7 +201,8 @@ def write_report(r: ReportInputs, report_dir: Path) -> Path:
     plot_scores(results, models, report_dir / "scores.png")
     md = [f"# orpolab report: {r.sweep.name}", "",
           f"Sweep folder `{r.sweep}`; MLflow parent run `{r.parent_run_id}`.", "",
-          f"**Judge: {results['judge']}.**" + (STAND_IN_NOTE if results["stand_in"] else ""),
+          f"**Judge: {results['judge']}.**" + (STAND_IN_NOTE if results["stand_in"] else ""), "",
+          "```", *headline(results, r.export), "```",
           "", f"Answers: {results['quant']} GGUFs of {', '.join(models)} on the CPU, generation settings "
           f"`{json.dumps(results['generation'])}`; {results['prompts']} prompts.", "",
           "## Sweep", "", f"Selection metric: `{rows[0]['metric'] if rows else ''}` (exported jobs are marked"
