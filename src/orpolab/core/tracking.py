@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 ROLE_TAG, SWEEP_TAG = "orpolab.role", "orpolab.sweep_dir"
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's experiment kind (the UI's "Machine learning" type; its default view is the runs table).
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 PACKAGES = ("torch", "transformers", "peft", "lightning", "hydra-core", "mlflow", "datasets", "bitsandbytes")
 
 T = TypeVar("T")
@@ -49,18 +51,30 @@ def with_retry(fn: Callable[[], T], attempts: int = 8, delay: float = 0.25) -> T
 
 
 def experiment_id(tracking_uri: str, name: str) -> str:
-    """The experiment's id, creating it if needed (tolerating a concurrent creator)."""
+    """The experiment's id, creating it if needed (tolerating a concurrent creator).
+
+    It is marked as a model-training experiment, so MLflow's UI opens it on the runs table rather
+    than on its GenAI overview (traces, prompts), which would show nothing of a sweep.
+    """
     c = client(tracking_uri)
     exp = with_retry(lambda: c.get_experiment_by_name(name))
     if exp is not None:
+        mark_training_experiment(c, exp)
         return exp.experiment_id
     try:
-        return with_retry(lambda: c.create_experiment(name, artifact_location=artifact_location(tracking_uri)))
+        return with_retry(lambda: c.create_experiment(name, artifact_location=artifact_location(tracking_uri),
+                                                      tags={EXPERIMENT_KIND_TAG: TRAINING_KIND}))
     except Exception:
         exp = c.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def mark_training_experiment(c, exp) -> None:
+    """Tag an experiment created before orpolab set its kind; a kind someone chose is left alone."""
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        with_retry(lambda: c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND))
 
 
 def find_sweep_run(tracking_uri: str, exp_id: str, sweep_dir: str):
