@@ -33,6 +33,10 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 QUIET_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),  # Lightning on torch 2.13
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning),  # peft on transformers 5
+    # A resumed job writes its checkpoints where it wrote them before; and its sampler does resume
+    # mid-epoch (its position is in the checkpoint), which Lightning cannot see.
+    (r"Checkpoint directory .* exists and is not empty", UserWarning),
+    (r"You're resuming from a checkpoint that ended before the epoch ended", UserWarning),
 )
 LIBRARY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 
