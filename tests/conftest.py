@@ -90,11 +90,11 @@ def sweep(warm_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     proc = run_train(["-m", "experiment=demo", "trainer.max_steps=60", "trainer.val_check_interval=30",
-                      "trainer.enable_progress_bar=false", "orpo.beta=0.05,0.1", f"hydra.sweep.dir={tmp / 'sweep'}",
-                      f"paths.report_dir={tmp / 'report'}",
+                      "orpo.beta=0.05,0.1", f"hydra.sweep.dir={tmp / 'sweep'}", f"paths.report_dir={tmp / 'report'}",
                       *EVAL_SMALL], env_extra={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout}
+    return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout, "stderr": proc.stderr,
+            "report": tmp / "report" / "report.md"}
 
 
 @pytest.fixture(scope="session")
