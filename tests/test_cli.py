@@ -238,3 +238,14 @@ def test_the_sweep_console_is_short_and_ends_with_the_headline(sweep):
     assert all(line.startswith("  ") for line in headline[1:]) and len(headline) == 4
     assert re.match(r"  exact-answer accuracy  base 0\.\d+ \[.*\]  winner .* paired difference [+-]", headline[1])
     assert "judge (correctness, 5point)" in headline[2] and "stand-in" in headline[2]
+
+
+def test_what_c_code_prints_to_stderr_goes_to_the_log_file_for_a_while(tmp_path, monkeypatch):
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    log = tmp_path / "logs" / "llama.cpp.log"
+    probe = ("import os, sys; sys.path.insert(0, sys.argv[2]); from orpolab.core import console\n"
+             "with console.native_stderr_to(sys.argv[1]):\n    os.write(2, b'[  1/ 22] blk.0.attn_k.weight\\n')\n"
+             "os.write(2, b'after\\n')\n")
+    proc = subprocess.run([sys.executable, "-c", probe, str(log), str(ROOT / "src")], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == "after\n"
+    assert log.read_text() == "[  1/ 22] blk.0.attn_k.weight\n"

@@ -167,9 +167,9 @@ def log_to(log_file: Path | None, stream=None) -> None:
 def native_stderr_to(log_file: Path | None) -> Iterator[None]:
     """Send what C libraries write to file descriptor 2 into ``log_file`` for the duration.
 
-    llama.cpp's quantizer and model loader print per-tensor lines from C, below Python's
-    ``sys.stderr``; only moving the descriptor itself catches them. Restored afterwards, also on
-    errors. With ``ORPOLAB_VERBOSE=1`` or no file, nothing is redirected.
+    Most of llama.cpp's log goes through its log callback, but C code may also print to stderr
+    directly, below Python's ``sys.stderr``; only moving the descriptor itself catches that.
+    Restored afterwards, also on errors. With ``ORPOLAB_VERBOSE=1`` or no file, nothing is redirected.
     """
     if log_file is None or verbose():
         yield

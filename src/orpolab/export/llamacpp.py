@@ -43,14 +43,15 @@ def route_logs(log_file: Path | None) -> None:
     """Send llama.cpp's own log (model loader, quantizer, per tensor) to ``log_file``, appended.
 
     llama.cpp logs through one process-wide callback; llama-cpp-python's default prints to
-    stderr. ``None`` (or ``ORPOLAB_VERBOSE=1``) puts that default back. The converter subprocess and
-    whatever C code writes straight to stderr during a quantization go to the same file.
+    stderr (``None`` puts it back). The converter subprocess and whatever C code writes straight to
+    stderr during a quantization go to the same file. With ``ORPOLAB_VERBOSE=1`` all of it is also
+    shown on stderr.
     """
     global _log_file, _log_callback
     import llama_cpp
     from llama_cpp import _logger
 
-    if log_file is None or console.verbose():
+    if log_file is None:
         _log_file = None
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
         _log_callback = None
@@ -58,11 +59,16 @@ def route_logs(log_file: Path | None) -> None:
     _log_file = Path(log_file)
     _log_file.parent.mkdir(parents=True, exist_ok=True)
     sink = open(_log_file, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - lives as long as the callback
+    echo = console.verbose()
 
     @llama_cpp.llama_log_callback
     def to_file(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        sink.write(text.decode("utf-8", errors="replace"))
+        line = text.decode("utf-8", errors="replace")
+        sink.write(line)
         sink.flush()
+        if echo:
+            sys.stderr.write(line)
+            sys.stderr.flush()
 
     _log_callback = to_file
     llama_cpp.llama_log_set(to_file, ctypes.c_void_p(0))
@@ -175,6 +181,8 @@ def run_logged(args: list[str], step: str, timeout: float, env: dict | None = No
     if target:
         with open(target, "a", encoding="utf-8") as fh:
             fh.write(f"\n$ {' '.join(args)}\n{text}")
+    if console.verbose():
+        print(text, end="", file=sys.stderr, flush=True)
     if failure:
         tail = "\n".join(text.strip().splitlines()[-15:])
         raise OrpolabError(failure + (f"; its log: {target}" if target else "") + (f"\n{tail}" if tail else ""))
