@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 
 from orpolab.core.config import DataConfig
 from orpolab.core.errors import OrpolabError
-from orpolab.train.data import tokenize as data_mod
 from orpolab.train.data import PairCollator, prepare, tokenize_pair
+from orpolab.train.data import tokenize as data_mod
 
 from .conftest import FAMILIES, ROOT
 
