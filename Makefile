@@ -46,7 +46,9 @@ test: tiny-models
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench train.py
 
+# Prints the address that opens the experiment on its runs table (MLflow 3 defaults to its GenAI overview).
 mlflow-ui: $(STAMP)
+	@$(BIN)/python -c "from orpolab.core.tracking import print_runs_page; print_runs_page()"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
 
 clean:

@@ -228,3 +228,20 @@ def default_uri() -> str:
     """``MLFLOW_TRACKING_URI``, else the project's SQLite database (as ``conf/logger/mlflow.yaml``)."""
     root = Path(os.environ.get("ORPOLAB_ROOT", Path.cwd()))
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def runs_page(experiment_id: str | None, host: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI address that opens an experiment on its runs table.
+
+    MLflow 3's UI opens every experiment on its GenAI overview (traces, prompts: empty for a sweep)
+    unless the address asks for the model-training view; the experiment-kind tag alone does not
+    change that in 3.17.
+    """
+    page = f"#/experiments/{experiment_id}" if experiment_id else "#/experiments"
+    return f"{host}/{page}?workflowType=machine_learning"
+
+
+def print_runs_page(experiment: str = "orpolab") -> None:
+    """``make mlflow-ui``: where to point the browser, for the project's store (before the server starts)."""
+    exp = client(default_uri()).get_experiment_by_name(experiment)
+    print(f"MLflow UI: open {runs_page(exp.experiment_id if exp else None)}", flush=True)

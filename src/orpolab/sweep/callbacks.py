@@ -206,8 +206,7 @@ def format_summary(summary: dict, tracking_uri: str, sweep_dir: str) -> str:
             line += f"\n             error: {job['error'][:300]}"
         lines.append(line)
     lines.append(f"Sweep folder: {sweep_dir}")
-    # workflowType: MLflow 3's UI otherwise opens every experiment on its GenAI overview (traces, prompts).
-    page = f"http://127.0.0.1:5000/#/experiments/{summary.get('experiment_id', '')}?workflowType=machine_learning"
+    page = tracking.runs_page(summary.get("experiment_id"))
     lines.append(f"MLflow UI:    mlflow ui --backend-store-uri {tracking_uri}   (then open {page})")
     return "\n".join(lines)
 
