@@ -7,6 +7,7 @@ import torch
 
 from orpolab.core.config import MethodConfig, OptimConfig
 from orpolab.train.data import PairCollator
+from orpolab.train.logps import backbone_and_head
 from orpolab.train.losses import selected_token_logps
 from orpolab.train.module import PreferenceModule
 
@@ -36,7 +37,7 @@ def test_module_forward_equals_the_full_logits_path(tiny_models, method, nll_on)
     for chunk in (0, 7):  # 0: the model's own full logits (TRL's way); 7: selected positions, in chunks
         m = PreferenceModule(module.model, MethodConfig(name=method, nll_on=nll_on), OptimConfig(),
                              logps_chunk_size=chunk)
-        assert (m._backbone_and_head() is None) == (chunk == 0)
+        assert (backbone_and_head(m.model, chunk) is None) == (chunk == 0)
         module.model.zero_grad()
         out = m._forward(batch)
         loss = out["chosen_nll"] + out["mean_logps"].sum() + out["sum_logps"].sum() * 0.01
