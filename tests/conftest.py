@@ -137,3 +137,10 @@ def private_copy(shared: dict, tmp_path: Path) -> dict:
 def own_sweep(sweep, tmp_path) -> dict:
     """The 2-job demo sweep, copied for a test that re-runs or rewrites its export or evaluation."""
     return private_copy(sweep, tmp_path)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Name the random test order (pytest-randomly's header line is hidden under -q), so a failing order can be re-run."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(f"test order: random, repeat it with --randomly-seed={seed}")
