@@ -140,7 +140,7 @@ def own_sweep(sweep, tmp_path) -> dict:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    """Name the random test order (pytest-randomly's header line is hidden under -q), so a failing order can be re-run."""
+    """Name the random order (pytest-randomly's header is hidden under -q), so a failing order can be re-run."""
     seed = getattr(config.option, "randomly_seed", None)
     if isinstance(seed, int):
         terminalreporter.write_line(f"test order: random, repeat it with --randomly-seed={seed}")
