@@ -125,6 +125,20 @@ class Evaluation:
     def prompts(self) -> list[dict]:
         return load_prompts(self.prompts_cfg, self.job_cfg, self.checker)
 
+    def answers(self) -> dict[str, dict[int, dict]]:
+        """Every model's saved answers by prompt id (empty for a model whose answers are not generated yet)."""
+        return {m: {a["id"]: a for a in read_jsonl(self.out / f"answers-{m}.jsonl")} for m in self.models}
+
+    def checked(self, prompts: list[dict], answers: dict[str, dict[int, dict]]) -> dict[str, dict[int, bool]]:
+        """Per model, in prompt order: whether the checker accepts its answer to each checkable prompt.
+
+        A prompt without an answer (skipped, or not generated yet) counts as wrong. Empty without a checker.
+        """
+        if self.checker is None:
+            return {}
+        return {m: {p["id"]: self.checker.is_correct(answers[m].get(p["id"], {}).get("answer", ""), p["expected"])
+                    for p in prompts if p.get("expected") is not None} for m in self.models}
+
     def judge_name(self) -> str:
         """How the report names the judge; from the config, without loading or downloading it."""
         j = self.cfg.judge
@@ -159,7 +173,7 @@ class Evaluation:
         from orpolab.evaluate.judge import LlamaCppFlowJudge, metric_by_name
 
         prompts = {p["id"]: p for p in self.prompts()}
-        answers = {m: {a["id"]: a for a in read_jsonl(self.out / f"answers-{m}.jsonl")} for m in self.models}
+        answers = self.answers()
         if not all(answers.values()):
             raise OrpolabError("no answers to judge yet; run the generate stage first")
         judge_file, judge_name = self.judge_file(), self.judge_name()
@@ -204,7 +218,8 @@ class Evaluation:
     def score(self) -> dict:
         boot = self.cfg.bootstrap
         prompts = self.prompts()
-        answers = {m: {a["id"]: a for a in read_jsonl(self.out / f"answers-{m}.jsonl")} for m in self.models}
+        answers = self.answers()
+        checked = self.checked(prompts, answers)
         results: dict = {"prompts": len(prompts), "judge": self.judge_name(), "models_order": list(self.models),
                          "stand_in": bool(self.cfg.judge.stand_in),
                          "generation": OmegaConf.to_container(self.cfg.generation, resolve=True),
@@ -219,17 +234,14 @@ class Evaluation:
                 "mean_tokens": sum(r["completion_tokens"] for r in answered) / n,
                 "mean_repeated_3gram_fraction": sum(r["repeated_3gram_fraction"] for r in answered) / n,
             }
-            checkable = [(p, answers[m].get(p["id"], {})) for p in prompts if p.get("expected") is not None]
-            if checkable:
-                correct = [float(self.checker.is_correct(a.get("answer", ""), p["expected"])) for p, a in checkable]
+            if checked.get(m):
+                correct = [float(c) for c in checked[m].values()]
                 lo, hi = bootstrap_mean_ci(correct, boot.n_resamples, seed=boot.seed)
                 stats["accuracy"] = {"mean": sum(correct) / len(correct), "ci_low": lo, "ci_high": hi,
                                      "n": len(correct)}
             results["models"][m] = stats
-        checked = [p for p in prompts if p.get("expected") is not None]
-        if checked:
-            correct = {m: [float(self.checker.is_correct(answers[m].get(p["id"], {}).get("answer", ""),
-                                                         p["expected"])) for p in checked] for m in self.models}
+        if any(checked.values()):
+            correct = {m: [float(c) for c in checked[m].values()] for m in self.models}
             # Each trained model against the base, on the same prompts.
             results["accuracy_paired"] = {m: paired_comparison(correct[m], correct["base"], boot.n_resamples,
                                                                boot.seed) for m in self.trained}
@@ -245,9 +257,8 @@ class Evaluation:
                 if vals:
                     lo, hi = bootstrap_mean_ci(vals, boot.n_resamples, seed=boot.seed)
                     entry[m] = {"mean": sum(vals) / len(vals), "ci_low": lo, "ci_high": hi, "n": len(vals)}
-                checkable = [(s, self.checker.is_correct(answers[m].get(p["id"], {}).get("answer", ""),
-                                                         p["expected"]))
-                             for p, s in zip(prompts, per[m], strict=True) if p.get("expected") is not None]
+                checkable = [(s, checked[m][p["id"]]) for p, s in zip(prompts, per[m], strict=True)
+                             if p.get("expected") is not None]
                 if checkable:
                     entry.setdefault("agreement", {})[m] = judge_agreement([s for s, _ in checkable],
                                                                            [c for _, c in checkable],
@@ -263,14 +274,13 @@ class Evaluation:
         results_file = self.out / "results.json"
         results = json.loads(results_file.read_text()) if results_file.is_file() else self.score()
         prompts = self.prompts()
-        answers = {m: {a["id"]: a for a in read_jsonl(self.out / f"answers-{m}.jsonl")} for m in self.models}
+        answers = self.answers()
         first_metric = next(iter(results["metrics"]), None)
         scores: dict[str, dict[int, int]] = {m: {} for m in self.models}
         if first_metric:
             for v in read_jsonl(self.out / f"verdicts-{first_metric}.jsonl"):
                 scores.setdefault(v["model"], {})[v["id"]] = v["score"]
-        checked = {m: {p["id"]: self.checker.is_correct(answers[m].get(p["id"], {}).get("answer", ""), p["expected"])
-                       for p in prompts if p.get("expected") is not None} for m in self.models} if self.checker else {}
+        checked = self.checked(prompts, answers)
         jobs = sweep_jobs(self.tracking_uri, self.export)
         c = tracking.client(self.tracking_uri)
         curves = {j["run_id"]: {k: [(m.step, m.value) for m in c.get_metric_history(j["run_id"], k)] for k in CURVES}
