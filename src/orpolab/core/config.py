@@ -30,6 +30,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from orpolab.core.errors import OrpolabError
 
+# ``${orpolab_first:${model.lr},8.0e-5}``: the first value that is set (conf/optim falls back from the
+# model's own learning rate to the default). Registered on import: every stage that resolves a config
+# reads it through this module.
+FIRST_SET = "orpolab_first"
+if not OmegaConf.has_resolver(FIRST_SET):
+    OmegaConf.register_new_resolver(FIRST_SET, lambda *values: next((v for v in values if v is not None), None))
+
 T = TypeVar("T")
 
 
@@ -128,6 +135,12 @@ class DataConfig:
     eval_path: str | None = None
     eval_split: str = "train"
     eval_size: float = 0.02  # fraction (<1) or row count (>=1) held out when eval_path is unset
+    # The test split (evaluation prompts, judge calibration, the report's comparisons): never used to
+    # train or to select; carved from the training rows after validation when test_path is unset.
+    test_path: str | None = None
+    test_split: str = "train"
+    test_size: float = 0.02  # fraction (<1) or row count (>=1)
+    max_test_rows: int | None = None
     split_seed: int = 42
     max_train_rows: int | None = None
     max_eval_rows: int | None = None
@@ -157,6 +170,12 @@ class ModelConfig:
     # Log-probs straight from the hidden states of the positions a loss uses, through the output
     # layer in chunks of this many positions (0: full-vocabulary logits everywhere, as TRL does).
     logps_chunk_size: int = 1024
+    # Lineage (who trained the weights this model descends from), not the architecture: SmolLM2 and
+    # Llama share ``llama`` in a GGUF. The report warns when a judge judges its own family.
+    family: str | None = None
+    # This model's own learning rate: conf/optim's default uses it when set (a method's lr, or
+    # optim.lr=..., still wins).
+    lr: float | None = None
 
 
 @dataclass
@@ -239,6 +258,11 @@ class JudgeConfig:
     max_feedback_chars: int = 600
     n_ctx: int = 4096
     good_threshold: int = 4
+    # The judge's lineage (Flow-Judge-v0.1 is a Phi-3.5-mini fine-tune): self-preference warning.
+    family: str | None = "phi3"
+    # Pairs with known answers the judge scores before the models (cached per judge, metric, prompt
+    # template and set); 0: no calibration, and the report says the judge is unmeasured.
+    calibration_size: int = 100
 
 
 @dataclass
@@ -255,6 +279,9 @@ class EvaluationConfig:
 
     enabled: bool = True
     quant: Quant = Quant.Q4_K_M
+    # The winner is also answered and judged at each of these (e.g. [F16, Q4_K_M]): what
+    # quantization costs, paired against F16. Empty: only ``quant``.
+    quants: list[Quant] = field(default_factory=list)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)

@@ -3,7 +3,7 @@
 Each question names a few variables and their values and asks for one of them ("Let p = 17,
 k = 42 and w = 8. What is k?"); the answer restates it ("k = 42. The answer is 42."). A tiny model
 can learn this look-up from a few hundred examples, so the offline demo shows real learning, and
-``extract_answer``/``is_correct`` check any answer exactly.
+``LookupChecker`` checks any answer: the value, and whether it ended.
 
 The data follows ``mlabonne/orpo-dpo-mix-40k``'s schema (``chosen``/``rejected`` are lists of
 ``{role, content}`` messages including the user turn, plus ``prompt`` and ``question``), so the
@@ -27,8 +27,12 @@ import string
 from pathlib import Path
 
 ANSWER_RE = re.compile(r"The answer is (-?\d+)\.")
+ASKED_RE = re.compile(r"What is ([a-z])\?")
+ASSIGN_RE = re.compile(r"\b([a-z]) = (-?\d+)")
 # Share of SFT warm-up answers that repeat themselves instead of stopping.
 SFT_NO_STOP = 0.4
+# How a right answer may be phrased (the calibration set uses each; the checker accepts each).
+PHRASINGS = ("{name} = {value}.", "The answer is {value}.", "{value}", "{name} = {value}. The answer is {value}.")
 
 
 def extract_answer(text: str) -> int | None:
@@ -37,26 +41,71 @@ def extract_answer(text: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def is_correct(text: str, expected: int) -> bool:
-    """Exact-answer check for the objective score: the answer is stated once, and it is right.
+def asked_name(question: str) -> str | None:
+    """The variable a question asks for ("... What is k?" -> "k")."""
+    match = ASKED_RE.search(question)
+    return match.group(1) if match else None
 
-    An answer that repeats itself instead of stopping is not exact, even if its first statement is.
-    """
+
+def stated_values(text: str, name: str | None) -> list[int]:
+    """Every value the answer gives for the asked variable: "k = 42", "k is 42", "The answer is 42",
+    or an answer that is only the number. Values it restates for the other variables are not counted."""
+    values = [int(v) for v in re.findall(r"[Tt]he answer is (-?\d+)", text)]
+    if name:
+        values += [int(v) for v in re.findall(rf"(?<![A-Za-z]){re.escape(name)} (?:=|is|equals) (-?\d+)", text)]
+    bare = re.fullmatch(r"\s*(-?\d+)\s*\.?\s*", text)
+    if bare:
+        values.append(int(bare.group(1)))
+    return values
+
+
+def value_right(text: str, expected: int, question: str) -> bool:
+    """The answer states the asked value, and no other value for it ("z = 5.", "The answer is 5.", "5")."""
+    values = stated_values(text, asked_name(question))
+    return bool(values) and set(values) == {expected}
+
+
+def repeats_itself(text: str) -> bool:
+    """Some run of three words occurs twice: the answer starts over instead of stopping."""
+    words = text.split()
+    grams = [tuple(words[i: i + 3]) for i in range(len(words) - 2)]
+    return len(set(grams)) < len(grams)
+
+
+def is_correct(text: str, expected: int) -> bool:
+    """The answer states "The answer is N." once, and N is right (the phrasing the task teaches)."""
     return ANSWER_RE.findall(text) == [str(expected)]
 
 
 class LookupChecker:
     """The sample task's answer checker, named in ``conf/eval_prompts/sample.yaml`` by ``_target_``.
 
-    ``is_correct`` checks an answer against the expected value; ``reference`` is the reference answer
-    a judge metric that needs one is shown.
+    ``check`` gives two figures per answer: ``value_right`` (the asked value is stated, and no other
+    value for it, in any phrasing) and ``exact`` (value right, the answer ended by itself and does not
+    repeat itself): the demo's gain in ending answers shows in the second. ``reference`` is what a
+    judge metric that needs a reference is shown (the value, not an answer a model gives), and
+    ``examples`` builds a right and a wrong answer for the judge's calibration.
     """
 
-    def is_correct(self, answer: str, expected: int | str) -> bool:
-        return is_correct(answer, int(expected))
+    figures = ("value_right", "exact")
+
+    def check(self, answer: str, expected: int | str, question: str, ended: bool) -> dict[str, bool]:
+        right = value_right(answer, int(expected), question)
+        return {"value_right": right, "exact": right and ended and not repeats_itself(answer)}
 
     def reference(self, expected: int | str) -> str:
-        return f"The answer is {int(expected)}."
+        return f"The correct value is {int(expected)}."
+
+    def examples(self, question: str, expected: int | str, rng: random.Random) -> tuple[str, str]:
+        """A right and a wrong answer to ``question`` in the same phrasing (a random one of :data:`PHRASINGS`).
+
+        The wrong value is another variable's value when the question has one, else a near miss.
+        """
+        value, name = int(expected), asked_name(question) or "x"
+        others = [int(v) for n, v in ASSIGN_RE.findall(question) if n != name and int(v) != value]
+        wrong = rng.choice(others) if others and rng.random() < 0.5 else value + rng.choice([-2, -1, 1, 2, 10])
+        phrasing = rng.choice(PHRASINGS)
+        return phrasing.format(name=name, value=value), phrasing.format(name=name, value=wrong)
 
 
 def make_question(rng: random.Random) -> tuple[str, str, int, list[int]]:
@@ -93,8 +142,12 @@ def _pair(rng: random.Random, question: str, name: str, value: int, others: list
 
 
 def generate(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, list[dict]]:
-    """Disjoint question sets: train pairs, held-out pairs, held-out prompts, SFT warm-up rows."""
-    sizes = sizes or {"train": 600, "eval": 100, "prompts": 100, "sft": 400}
+    """Disjoint question sets: train pairs, validation pairs, held-out prompts, SFT warm-up rows, test pairs.
+
+    The test pairs came last (drawn after the others from the same generator), so the earlier files
+    stayed byte-identical when they were added.
+    """
+    sizes = sizes or {"train": 600, "eval": 100, "prompts": 100, "sft": 400, "test": 100}
     rng = random.Random(seed)
     seen: set[str] = set()
     out: dict[str, list[dict]] = {}

@@ -136,8 +136,12 @@ class Evaluation:
         """
         if self.checker is None:
             return {}
-        return {m: {p["id"]: self.checker.is_correct(answers[m].get(p["id"], {}).get("answer", ""), p["expected"])
-                    for p in prompts if p.get("expected") is not None} for m in self.models}
+        def exact(a: dict, p: dict) -> bool:
+            return self.checker.check(a.get("answer", ""), p["expected"], p["prompt"],
+                                      a.get("finish_reason") == "stop")["exact"]
+
+        return {m: {p["id"]: exact(answers[m].get(p["id"], {}), p) for p in prompts if p.get("expected") is not None}
+                for m in self.models}
 
     def judge_name(self) -> str:
         """How the report names the judge; from the config, without loading or downloading it."""
