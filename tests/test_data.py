@@ -32,7 +32,9 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def cfg_for(tmp_path: Path, train: Path, eval_: Path | None = None, **kw) -> DataConfig:
-    return DataConfig(path=str(train), eval_path=str(eval_ or train), cache_dir=str(tmp_path / "cache"),
+    # Validation and test from files: the rows a test writes are all trained on.
+    return DataConfig(path=str(train), eval_path=str(eval_ or train), test_path=str(eval_ or train),
+                      cache_dir=str(tmp_path / "cache"),
                       max_length=kw.pop("max_length", 128), max_prompt_length=kw.pop("max_prompt_length", 48), **kw)
 
 
@@ -154,7 +156,7 @@ def test_split_is_deterministic_and_disjoint(tiny_models, tmp_path):
                      max_prompt_length=48)
     a = prepare(cfg, tok)
     b = prepare(DataConfig(**{**cfg.__dict__, "cache_dir": str(tmp_path / "c2")}), tok)
-    assert len(a.eval) == 10 and len(a.train) == 40
+    assert len(a.eval) == 10 and len(a.train) == 39 and a.stats["test_rows"] == 1  # 2% test, never tokenized
     assert a.eval == b.eval
     key = lambda e: tuple(e["chosen_ids"])  # noqa: E731
     assert not {key(e) for e in a.eval} & {key(e) for e in a.train}

@@ -29,7 +29,7 @@ from orpolab.core.files import append_jsonl, read_jsonl, write_json_atomic
 from orpolab.evaluate.generate import answer_prompts
 from orpolab.evaluate.stats import bootstrap_mean_ci, judge_agreement, paired_comparison
 from orpolab.export import llamacpp
-from orpolab.train.data import SkipRow, load_rows, normalize_row, split_rows
+from orpolab.train.data import SkipRow, load_rows, normalize_row, three_splits
 
 STAGES = ("generate", "judge", "score", "report")
 STAGE_TITLES = {"generate": "answers of the base and trained models", "judge": "a verdict on every answer",
@@ -56,17 +56,19 @@ def load_prompts(cfg: DictConfig, job_cfg: DictConfig, checker=None) -> list[dic
     kind, limit = cfg.kind, cfg.max_prompts
     rows: list[dict] = []
     if kind == "heldout":
+        # The test split: never trained on, and not the validation rows that picked the checkpoints
+        # and the winner (evaluating on those would favour the winner: the winner's curse).
         data_cfg = settings(DataConfig, job_cfg.data, "data")
-        source = load_rows(data_cfg.eval_path, data_cfg.eval_split) if data_cfg.eval_path else split_rows(
-            load_rows(data_cfg.path, data_cfg.split), data_cfg.eval_size, data_cfg.split_seed)[1]
-        for row in source:
+        for row in three_splits(data_cfg, need_train=False).test:
             try:
                 prompt, chosen, _ = normalize_row(row, data_cfg)
             except SkipRow:
                 continue
             if prompt[-1]["role"] == "user":
                 expected = row.get(cfg.reference_field or "answer") if checker else None
-                rows.append({"prompt": prompt[-1]["content"], "reference": chosen, "expected": expected})
+                rows.append({"prompt": prompt[-1]["content"], "expected": expected,
+                             "reference": checker.reference(expected) if checker and expected is not None
+                             else chosen})
     elif kind == "conversations":
         for row in load_rows(cfg.path, cfg.split):
             turns = row.get(cfg.prompt_field) or []

@@ -26,17 +26,21 @@ from orpolab.export import llamacpp
 from orpolab.export.merge import check_disk, merge, parameter_count
 from orpolab.export.verify import verify_gguf
 from orpolab.export.winners import select_winners, sweep_parent
-from orpolab.train.data import SkipRow, load_rows, normalize_row
+from orpolab.train.data import SkipRow, normalize_row, three_splits
 
 log = logging.getLogger(__name__)
 
 
 def held_out_texts(job_cfg: DictConfig, tokenizer, n: int) -> tuple[list[str], list[str]]:
-    """Chat-formatted held-out conversations (prompt + chosen answer) and their prompts, for verification."""
+    """Chat-formatted validation conversations (prompt + chosen answer) and their prompts, for verification.
+
+    Never training rows: a GGUF is checked on text the model was not fitted to (the validation split,
+    which the job saw only to pick its checkpoint; the test split when validation has too few).
+    """
     data_cfg = settings(DataConfig, job_cfg.data, "data")
-    rows = load_rows(data_cfg.eval_path or data_cfg.path, data_cfg.eval_split if data_cfg.eval_path else data_cfg.split)
+    splits = three_splits(data_cfg, need_train=False)
     texts, prompts = [], []
-    for row in rows:
+    for row in [*splits.validation, *splits.test]:
         try:
             prompt, chosen, _ = normalize_row(row, data_cfg)
         except SkipRow:

@@ -213,7 +213,9 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
     job.log_metrics({"data/train_pairs": data.stats["train_pairs"], "data/eval_pairs": data.stats["eval_pairs"],
                      "data/train_skipped": sum(data.stats["train_skipped"].values()),
                      "data/eval_skipped": sum(data.stats["eval_skipped"].values()),
-                     "data/train_truncated": data.stats["train_truncated"]})
+                     "data/train_truncated": data.stats["train_truncated"],
+                     "data/test_rows": data.stats.get("test_rows", 0),
+                     "data/test_prompts_in_train": data.stats.get("test_prompts_in_train", 0)})
     job.log_dict(data.stats, "data_stats.json")
 
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True, enum_to_str=True)

@@ -10,6 +10,7 @@ Column names are configurable. Rows that cannot be used are skipped and counted 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,12 +127,90 @@ def normalize_row(row: dict, cfg: DataConfig) -> tuple[list[dict], str, str]:
     return prompt, chosen_text, rejected_text
 
 
+def _count(size: float, n: int) -> int:
+    """A fraction (< 1) of ``n`` rows, or a row count (>= 1)."""
+    return int(round(size * n)) if size < 1 else int(size)
+
+
 def split_rows(rows: list[dict], eval_size: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Deterministic held-out split: the same rows for every job, whatever its training seed."""
-    n_eval = int(round(eval_size * len(rows))) if eval_size < 1 else int(eval_size)
-    n_eval = max(1, min(n_eval, len(rows) - 1)) if len(rows) > 1 else 0
+    rest, held, _ = carve(rows, [eval_size], seed)
+    return rest, held[0]
+
+
+def carve(rows: list[dict], sizes: list[float], seed: int) -> tuple[list[dict], list[list[dict]], list[int]]:
+    """Cut consecutive parts of one seeded permutation out of ``rows``: (the rest, the parts, the rest's indices).
+
+    The first part is what :func:`split_rows` always held out, so adding a second (the test split)
+    keeps the validation rows as they were. Each part keeps the rows' file order; at least one row
+    stays in the rest.
+    """
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    eval_idx = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in eval_idx], [rows[i] for i in sorted(eval_idx)]
+    parts, start = [], 0
+    for size in sizes:
+        n = max(1, min(_count(size, len(rows)), len(rows) - 1 - start)) if len(rows) - start > 1 else 0
+        parts.append(sorted(order[start: start + n]))
+        start += n
+    taken = set(order[:start])
+    rest = [i for i in range(len(rows)) if i not in taken]
+    return [rows[i] for i in rest], [[rows[i] for i in part] for part in parts], rest
 
 
+@dataclass
+class Splits:
+    """Train (fitting), validation (checkpoint and winner selection) and test (evaluation, judge calibration).
+
+    Disjoint and deterministic: the same rows for every job of a sweep, whatever its training seed.
+    ``sources`` says where each came from, for the report ("data/sample/test.jsonl", "20 rows of
+    mlabonne/orpo-dpo-mix-40k held out with split_seed 42").
+    """
+
+    train: list[dict]
+    validation: list[dict]
+    test: list[dict]
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def three_splits(cfg: DataConfig, need_train: bool = True) -> Splits:
+    """The three splits of ``cfg``: from their own files where set, else carved from the training source.
+
+    Validation is carved first (as before the test split existed), then test, from one permutation
+    seeded by ``split_seed``. ``need_train=False`` skips loading the training source when both held-out
+    splits have files of their own (the evaluation then reads only what it needs).
+    """
+    sizes, names = [], []
+    if not cfg.eval_path:
+        sizes.append(cfg.eval_size)
+        names.append("validation")
+    if not cfg.test_path:
+        sizes.append(cfg.test_size)
+        names.append("test")
+    rows: list[dict] = load_rows(cfg.path, cfg.split) if (sizes or need_train) else []
+    rest, parts, _ = carve(rows, sizes, cfg.split_seed) if sizes else (rows, [], [])
+    carved = dict(zip(names, parts, strict=True))
+    sources = {"train": f"{cfg.path} ({cfg.split})" + (" minus the held-out rows" if sizes else "")}
+    for name, path, split in (("validation", cfg.eval_path, cfg.eval_split), ("test", cfg.test_path, cfg.test_split)):
+        if path:
+            carved[name] = load_rows(path, split)
+            sources[name] = f"{path}" + (f" ({split})" if not str(path).endswith((".jsonl", ".json")) else "")
+        else:
+            sources[name] = f"{len(carved[name])} rows held out of {cfg.path} (split_seed {cfg.split_seed})"
+    validation = carved["validation"][: cfg.max_eval_rows] if cfg.max_eval_rows else carved["validation"]
+    test = carved["test"][: cfg.max_test_rows] if cfg.max_test_rows else carved["test"]
+    train = rest[: cfg.max_train_rows] if cfg.max_train_rows else rest
+    return Splits(train, validation, test, sources)
+
+
+def prompt_key(row: dict, cfg: DataConfig) -> str | None:
+    """The row's last user turn, whitespace-normalised: what "the same prompt" means for overlap checks."""
+    try:
+        prompt, _, _ = normalize_row(row, cfg)
+    except SkipRow:
+        return None
+    return " ".join(prompt[-1]["content"].split()) if prompt[-1]["role"] == "user" else None
+
+
+def overlap(prompts: list[str], rows: list[dict], cfg: DataConfig) -> int:
+    """How many of ``prompts`` appear (identically, up to whitespace) as a prompt of ``rows``."""
+    seen = {k for k in (prompt_key(r, cfg) for r in rows) if k}
+    return sum(" ".join(p.split()) in seen for p in prompts)

@@ -16,12 +16,12 @@ from tqdm.auto import tqdm
 from orpolab.core.config import DataConfig
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import looks_local, write_json_atomic
-from orpolab.train.data.loading import SkipRow, load_rows, normalize_row, split_rows
+from orpolab.train.data.loading import SkipRow, normalize_row, overlap, prompt_key, three_splits
 
 log = logging.getLogger(__name__)
 
 # Bump when the tokenized format changes, so stale caches are not reused.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def ensure_chat_template(tokenizer, fallback: str | None) -> None:
@@ -134,6 +134,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def prompts_of(rows: list[dict], cfg: DataConfig) -> list[str]:
+    """The usable rows' prompts (last user turns), for overlap counts."""
+    return [k for k in (prompt_key(r, cfg) for r in rows) if k]
+
+
 @dataclass
 class PreparedData:
     train: list[dict]
@@ -149,10 +154,12 @@ def prepare(cfg: DataConfig, tokenizer) -> PreparedData:
         "version": CACHE_VERSION,
         "source": source_fingerprint(cfg.path, cfg.split),
         "eval_source": source_fingerprint(cfg.eval_path, cfg.eval_split) if cfg.eval_path else None,
+        "test_source": source_fingerprint(cfg.test_path, cfg.test_split) if cfg.test_path else None,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         **{k: getattr(cfg, k) for k in ("schema", "prompt_column", "chosen_column", "rejected_column",
-                                        "eval_size", "split_seed", "max_train_rows", "max_eval_rows",
-                                        "max_length", "max_prompt_length", "split", "eval_split")},
+                                        "eval_size", "test_size", "split_seed", "max_train_rows",
+                                        "max_eval_rows", "max_test_rows", "max_length", "max_prompt_length",
+                                        "split", "eval_split", "test_split")},
     }
     data_hash = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cfg.cache_dir) / data_hash
@@ -161,15 +168,9 @@ def prepare(cfg: DataConfig, tokenizer) -> PreparedData:
         blob = json.loads((cache / "data.json").read_text())
         return PreparedData(blob["train"], blob["eval"], blob["stats"], data_hash)
 
-    train_rows = load_rows(cfg.path, cfg.split)
-    if cfg.eval_path:
-        eval_rows = load_rows(cfg.eval_path, cfg.eval_split)
-    else:
-        train_rows, eval_rows = split_rows(train_rows, cfg.eval_size, cfg.split_seed)
-    if cfg.max_train_rows:
-        train_rows = train_rows[: cfg.max_train_rows]
-    if cfg.max_eval_rows:
-        eval_rows = eval_rows[: cfg.max_eval_rows]
+    # The test split is set aside here, never tokenized: it is the evaluation's, not training's.
+    splits = three_splits(cfg)
+    train_rows, eval_rows = splits.train, splits.validation
     train, skipped_train = tokenize_rows(train_rows, tokenizer, cfg, "tokenize train")
     evals, skipped_eval = tokenize_rows(eval_rows, tokenizer, cfg, "tokenize eval")
     for name, kept, skipped, total in (("train", train, skipped_train, len(train_rows)),
@@ -186,6 +187,10 @@ def prepare(cfg: DataConfig, tokenizer) -> PreparedData:
         "train_pairs": len(train), "eval_pairs": len(evals),
         "train_skipped": dict(skipped_train), "eval_skipped": dict(skipped_eval),
         "train_truncated": sum(r["truncated"] for r in train), "eval_truncated": sum(r["truncated"] for r in evals),
+        "test_rows": len(splits.test), "sources": splits.sources,
+        # Identical prompts across splits would leak: counted here, shown in the report.
+        "validation_prompts_in_train": overlap(prompts_of(eval_rows, cfg), train_rows, cfg),
+        "test_prompts_in_train": overlap(prompts_of(splits.test, cfg), train_rows, cfg),
     }
     write_json_atomic(cache / "data.json", {"train": train, "eval": evals, "stats": stats, "key": key_fields},
                       indent=None)
