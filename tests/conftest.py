@@ -64,7 +64,9 @@ def run_train(args: list[str], env_extra: dict | None = None, timeout: int = 600
                           capture_output=True, text=True, timeout=timeout)
 
 
-EVAL_SMALL = ["evaluation.judge.stand_in=true", "eval_prompts=sample", "eval_prompts.max_prompts=6",
+# The tiny base GGUF stands in for the judge (judge.path null): fast, and every stage still runs for real.
+EVAL_SMALL = ["evaluation.judge.stand_in=true", "evaluation.judge.path=null", "evaluation.judge.family=null",
+              "evaluation.judge.calibration_size=4", "eval_prompts=sample", "eval_prompts.max_prompts=6",
               "evaluation.generation.max_tokens=32", "evaluation.judge.max_tokens=64",
               "evaluation.judge.max_feedback_chars=60"]
 
@@ -89,12 +91,14 @@ def sweep(warm_llama, tmp_path_factory):
     """
     tmp = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    proc = run_train(["-m", "experiment=demo", "trainer.max_steps=60", "trainer.val_check_interval=30",
+    proc = run_train(["-m", "experiment=demo", "trainer.max_steps=60",
+                      f"evaluation.judge.calibration_cache={tmp / 'calibration'}", "trainer.val_check_interval=30",
                       "orpo.beta=0.05,0.1", f"hydra.sweep.dir={tmp / 'sweep'}", f"paths.report_dir={tmp / 'report'}",
-                      *EVAL_SMALL], env_extra={"MLFLOW_TRACKING_URI": uri})
+                      "export.quant_types=[Q4_K_M,Q8_0]", "evaluation.quants=[F16,Q4_K_M]", *EVAL_SMALL],
+                     env_extra={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout, "stderr": proc.stderr,
-            "report": tmp / "report" / "report.md"}
+            "report": tmp / "report" / "sweep" / "report.md"}
 
 
 @pytest.fixture(scope="session")
@@ -103,14 +107,15 @@ def method_sweep(warm_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("methods")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     proc = run_train(["-m", "experiment=demo", "method=orpo,dpo,simpo,sft", "trainer.max_steps=40",
+                      f"evaluation.judge.calibration_cache={tmp / 'calibration'}",
                       "trainer.val_check_interval=20", "trainer.enable_progress_bar=false",
                       f"hydra.sweep.dir={tmp / 'sweep'}", f"paths.report_dir={tmp / 'report'}", *EVAL_SMALL],
                      env_extra={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout, "report": tmp / "report" / "report.md"}
+    return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout, "report": tmp / "report" / "sweep" / "report.md"}
 
 
-def private_copy(shared: dict, tmp_path: Path) -> dict:
+def private_copy(shared: dict, tmp_path: Path, name: str = "sweep") -> dict:
     """A copy of a session sweep (folder and MLflow store) that one test may change at will.
 
     Session fixtures are read-only for tests: a test that rewrites a shared sweep's export or
@@ -122,7 +127,7 @@ def private_copy(shared: dict, tmp_path: Path) -> dict:
 
     from orpolab.core import tracking
 
-    folder, db = tmp_path / "sweep", tmp_path / "mlflow.db"
+    folder, db = tmp_path / name, tmp_path / f"mlflow-{name}.db"
     shutil.copytree(shared["dir"], folder, ignore=shutil.ignore_patterns("checkpoints"))
     shutil.copy(shared["uri"].removeprefix("sqlite:///"), db)
     uri = f"sqlite:///{db}"

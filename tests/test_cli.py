@@ -235,9 +235,10 @@ def test_the_sweep_console_is_short_and_ends_with_the_headline(sweep):
     assert lines[-1] == f"report: {sweep['report']}"
     start = max(i for i, line in enumerate(lines) if line.startswith("Result: winner = job "))
     headline = lines[start:-1]
-    assert all(line.startswith("  ") for line in headline[1:]) and len(headline) == 4
-    assert re.match(r"  exact-answer accuracy  base 0\.\d+ \[.*\]  winner .* paired difference [+-]", headline[1])
-    assert "judge (correctness, 5point)" in headline[2] and "stand-in" in headline[2]
+    assert all(line.startswith("  ") for line in headline[1:]) and len(headline) == 5
+    assert re.match(r"  value right +base [01]\.\d+ \[.*\]  winner .* paired difference [+-]", headline[1])
+    assert re.match(r"  exact +base [01]\.\d+ \[.*\]  winner .* paired difference [+-]", headline[2])
+    assert "judge (correctness, 5point)" in headline[3] and "stand-in" in headline[3]
 
 
 def test_what_c_code_prints_to_stderr_goes_to_the_log_file_for_a_while(tmp_path, monkeypatch):

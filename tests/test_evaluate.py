@@ -76,6 +76,10 @@ def test_stages_alone_resume_and_report(own_sweep, tmp_path):
     assert [a["id"] for a in resumed] == [0, 1, 2, 3, 4, 5]
     assert resumed[:4] == answers[:4] and resumed[4:] == answers[4:]  # greedy: the same answers again
 
+    assert evaluate_cli(sweep, "--stage", "calibrate").returncode == 0
+    cal = json.loads((out / "calibration.json").read_text())["metrics"]["RESPONSE_CORRECTNESS_5POINT"]
+    assert cal["pairwise"]["n"] + cal["pairwise"].get("missing", 0) == 4 and cal["auc"]["n"] == 8
+
     assert evaluate_cli(sweep, "--stage", "judge").returncode == 0
     verdicts = read_jsonl(out / "verdicts-RESPONSE_CORRECTNESS_5POINT.jsonl")
     assert len(verdicts) == 12 and all(1 <= v["score"] <= 5 for v in verdicts)
@@ -83,21 +87,24 @@ def test_stages_alone_resume_and_report(own_sweep, tmp_path):
 
     assert evaluate_cli(sweep, "--stage", "score").returncode == 0
     results = json.loads((out / "results.json").read_text())
-    for model in ("base", "winner"):
-        acc = results["models"][model]["accuracy"]
-        assert acc["n"] == 6 and acc["ci_low"] <= acc["mean"] <= acc["ci_high"]
+    for model in ("base", "winner", "winner@F16"):
+        for figure in ("value_right", "exact"):
+            acc = results["models"][model]["checks"][figure]
+            assert acc["n"] == 6 and acc["ci_low"] <= acc["mean"] <= acc["ci_high"]
+    assert set(results["quant_costs"]["rows"]) == {"F16", "Q4_K_M"}
     paired = results["metrics"]["RESPONSE_CORRECTNESS_5POINT"]["paired"]["winner"]
     assert paired["wins"] + paired["ties"] + paired["losses"] == 6
 
     report_dir = tmp_path / "report"
     proc = evaluate_cli(sweep, "--stage", "report", "--report-dir", str(report_dir))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    text = (report_dir / "report.md").read_text()
-    for section in ("## Sweep", "## Training curves", "## Export verification", "## Scores",
-                    "## How the answers end", "## Per prompt", "STAND-IN"):
+    text = (report_dir / sweep["dir"].name / "report.md").read_text()
+    for section in ("## Data", "## Sweep", "## Training curves", "## Export verification", "## Judge",
+                    "Judge calibration", "## Scores", "## What quantization costs", "## How the answers end",
+                    "Length sensitivity", "## Per prompt", "STAND-IN"):
         assert section in text, section
-    assert (report_dir / "training_curves.png").stat().st_size > 10_000
-    assert (report_dir / "scores.png").stat().st_size > 5_000
+    assert (report_dir / sweep["dir"].name / "training_curves.png").stat().st_size > 10_000
+    assert (report_dir / sweep["dir"].name / "scores.png").stat().st_size > 5_000
     # The sweep table's numbers are the MLflow runs' numbers.
     client = MlflowClient(sweep["uri"])
     export = json.loads((sweep["dir"] / "export" / "export.json").read_text())

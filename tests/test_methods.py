@@ -147,11 +147,11 @@ def test_mixed_method_sweep_exports_each_methods_best_and_reports_them_against_b
     assert results["models_order"] == ["base", *methods]
     for label in ["base", *methods]:
         assert len((out / f"answers-{label}.jsonl").read_text().splitlines()) == 6
-        assert results["models"][label]["accuracy"]["n"] == 6
+        assert results["models"][label]["checks"]["exact"]["n"] == 6
     verdicts = (out / "verdicts-RESPONSE_CORRECTNESS_5POINT.jsonl").read_text().splitlines()
     assert len(verdicts) == 5 * 6
     assert set(results["metrics"]["RESPONSE_CORRECTNESS_5POINT"]["paired"]) == set(methods)
-    assert set(results["accuracy_paired"]) == set(methods)
+    assert set(results["checks_paired"]["exact"]) == set(methods)
 
     text = method_sweep["report"].read_text()
     assert "## Method comparison" in text and str(sweep_dir.name) in text

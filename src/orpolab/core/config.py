@@ -263,6 +263,7 @@ class JudgeConfig:
     # Pairs with known answers the judge scores before the models (cached per judge, metric, prompt
     # template and set); 0: no calibration, and the report says the judge is unmeasured.
     calibration_size: int = 100
+    calibration_cache: str = ".cache/judge-calibration"
 
 
 @dataclass
@@ -296,7 +297,7 @@ class EvalPromptsConfig:
     split: str | None = None
     prompt_field: str | None = None
     reference_field: str | None = None
-    # null, or a node with _target_: an object with is_correct(answer, expected) and reference(expected).
+    # null, or a node with _target_: a checker like orpolab.demo.sample_task.LookupChecker.
     checker: Any = None
     max_prompts: int | None = 100
 

@@ -164,8 +164,9 @@ def _evaluation(c: dict) -> list[str]:
     prompts = c["eval_prompts"]
     checker = prompts["checker"]
     if checker is not None and not (isinstance(checker, dict) and checker.get("_target_")):
-        out.append(f"eval_prompts.checker must be null or a node with _target_ (an object with is_correct(answer, "
-                   f"expected) and reference(expected)), got {checker!r}")
+        out.append(f"eval_prompts.checker must be null or a node with _target_ (an object with figures, "
+                   f"check(answer, expected, question, ended), reference(expected) and examples(question, expected, "
+                   f"rng), like orpolab.demo.sample_task.LookupChecker), got {checker!r}")
     if prompts["kind"] in ("conversations", "fields") and not (prompts["path"] and prompts["prompt_field"]):
         out.append(f"eval_prompts.path and eval_prompts.prompt_field must be set for eval_prompts.kind "
                    f"{prompts['kind']}")

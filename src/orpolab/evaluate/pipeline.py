@@ -6,15 +6,17 @@ method; every trained model is compared with the base on the same prompts.
 Stages, each runnable alone on an existing sweep and each resuming from its saved results:
 
     python -m orpolab.evaluate <sweep> --stage generate   # answers of base and trained models (GGUF)
+    python -m orpolab.evaluate <sweep> --stage calibrate  # the judge on answers of known quality (cached)
     python -m orpolab.evaluate <sweep> --stage judge      # Flow Judge verdicts
-    python -m orpolab.evaluate <sweep> --stage score      # objective accuracy, bootstrap, ... -> results.json
-    python -m orpolab.evaluate <sweep> --stage report     # report/ (Markdown + plots) and MLflow
+    python -m orpolab.evaluate <sweep> --stage score      # checked figures, bootstrap, ... -> results.json
+    python -m orpolab.evaluate <sweep> --stage report     # report/<sweep id>/ (Markdown + plots) and MLflow
     python -m orpolab.evaluate <sweep>                    # all of them
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -27,17 +29,19 @@ from orpolab.core.config import DataConfig, GenerationConfig, settings
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import append_jsonl, read_jsonl, write_json_atomic
 from orpolab.evaluate.generate import answer_prompts
-from orpolab.evaluate.stats import bootstrap_mean_ci, judge_agreement, paired_comparison
+from orpolab.evaluate.stats import bootstrap_mean_ci, paired_comparison
 from orpolab.export import llamacpp
-from orpolab.train.data import SkipRow, load_rows, normalize_row, three_splits
+from orpolab.train.data import SkipRow, load_rows, normalize_row, overlap, three_splits
 
-STAGES = ("generate", "judge", "score", "report")
-STAGE_TITLES = {"generate": "answers of the base and trained models", "judge": "a verdict on every answer",
+STAGES = ("generate", "calibrate", "judge", "score", "report")
+STAGE_TITLES = {"generate": "answers of the base and trained models",
+                "calibrate": "the judge on answers of known quality (cached per judge)",
+                "judge": "a verdict on every answer",
                 "score": "means, paired differences, bootstrap intervals", "report": "report.md, plots, MLflow"}
 
 
 def make_checker(cfg: DictConfig):
-    """``eval_prompts.checker``: an object with ``is_correct(answer, expected)`` and ``reference(expected)``,
+    """``eval_prompts.checker``: an object with ``figures``, ``check``, ``reference`` and ``examples``
     built from its ``_target_`` (``orpolab.demo.sample_task.LookupChecker`` for the sample task), or None."""
     node = cfg.get("checker")
     if not node:
@@ -112,16 +116,22 @@ class Evaluation:
         self.checker = make_checker(self.prompts_cfg)
         self.out = self.sweep / "evaluation"
         self.out.mkdir(parents=True, exist_ok=True)
-        # "base" first, then the exported models: "winner", or one per method in a mixed-method sweep.
+        # "base" first, then the exported models: "winner", or one per method in a mixed-method sweep;
+        # then the winner at the other quantizations of evaluation.quants ("winner@F16").
         self.trained = tuple(self.export.get("winners", {"winner": None}))
-        self.models = ("base", *self.trained)
+        self.quant_labels = quant_labels(self.trained[0], str(self.cfg.quant).upper(),
+                                         [str(q).upper() for q in self.cfg.get("quants") or []])
+        extra = tuple(label for label in self.quant_labels.values() if label not in self.trained)
+        self.models = ("base", *self.trained, *extra)
 
     def gguf(self, model: str) -> Path:
-        quant = str(self.cfg.quant).upper()
-        files = self.export["gguf"][model]
+        """The GGUF a model label answers with: ``winner`` at ``evaluation.quant``, ``winner@F16`` at F16."""
+        name, _, quant = model.partition("@")
+        quant = quant or str(self.cfg.quant).upper()
+        files = self.export["gguf"][name]
         if quant not in files:
-            raise OrpolabError(f"no {quant} GGUF of the {model} model in the export (have {sorted(files)}); "
-                               "set evaluation.quant or export.quant_types")
+            raise OrpolabError(f"no {quant} GGUF of the {name} model in the export (have {sorted(files)}); "
+                               "set evaluation.quant / evaluation.quants, or export.quant_types")
         return Path(files[quant])
 
     def prompts(self) -> list[dict]:
@@ -131,35 +141,91 @@ class Evaluation:
         """Every model's saved answers by prompt id (empty for a model whose answers are not generated yet)."""
         return {m: {a["id"]: a for a in read_jsonl(self.out / f"answers-{m}.jsonl")} for m in self.models}
 
-    def checked(self, prompts: list[dict], answers: dict[str, dict[int, dict]]) -> dict[str, dict[int, bool]]:
-        """Per model, in prompt order: whether the checker accepts its answer to each checkable prompt.
+    def checked(self, prompts: list[dict], answers: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
+        """Per model and checkable prompt, the checker's figures (``{"value_right": True, "exact": False}``).
 
         A prompt without an answer (skipped, or not generated yet) counts as wrong. Empty without a checker.
         """
         if self.checker is None:
             return {}
-        def exact(a: dict, p: dict) -> bool:
-            return self.checker.check(a.get("answer", ""), p["expected"], p["prompt"],
-                                      a.get("finish_reason") == "stop")["exact"]
 
-        return {m: {p["id"]: exact(answers[m].get(p["id"], {}), p) for p in prompts if p.get("expected") is not None}
+        def check(a: dict, p: dict) -> dict[str, bool]:
+            if "answer" not in a:
+                return dict.fromkeys(self.checker.figures, False)
+            return self.checker.check(a["answer"], p["expected"], p["prompt"], a.get("finish_reason") == "stop")
+
+        return {m: {p["id"]: check(answers[m].get(p["id"], {}), p) for p in prompts if p.get("expected") is not None}
                 for m in self.models}
 
     def judge_name(self) -> str:
         """How the report names the judge; from the config, without loading or downloading it."""
         j = self.cfg.judge
+        name = Path(j.path).name if j.path else (self.gguf("base").name if j.stand_in else f"{j.repo_id}/{j.filename}")
         if j.stand_in:
-            return (f"STAND-IN judge: {self.gguf('base').name} (a tiny local model, not Flow Judge; "
-                    "its scores mean nothing)")
-        return f"Flow Judge ({Path(j.path).name if j.path else f'{j.repo_id}/{j.filename}'})"
+            return f"STAND-IN judge: {name} (a small local model, not Flow Judge)"
+        return f"Flow Judge ({name})"
 
     def judge_file(self) -> Path:
         j = self.cfg.judge
-        if j.stand_in:
+        if j.stand_in and not j.path:
             return self.gguf("base")
         from orpolab.evaluate.judge import resolve_judge_file
 
         return resolve_judge_file(j.path, j.repo_id, j.filename)
+
+    def judge_identity(self, metric_name: str) -> dict:
+        """What makes two judges' verdicts comparable: the file (name, sha256), its quantization, the
+        grammar, the sampling and the prompt template. Recorded in results, report and MLflow."""
+        from orpolab.evaluate.calibration import judge_identity, prompt_template_hash
+        from orpolab.evaluate.judge import metric_by_name, verdict_grammar
+
+        j = self.cfg.judge
+        metric = metric_by_name(metric_name)
+        grammar = verdict_grammar([r.score for r in metric.rubric], j.max_feedback_chars)
+        return {**judge_identity(self.judge_file()), "quant": quant_of(self.judge_file().name),
+                "stand_in": bool(j.stand_in), "family": j.family, "metric": metric_name,
+                "grammar_sha256": hashlib.sha256(grammar.encode()).hexdigest()[:12],
+                "grammar": f"flow-judge's <feedback>...</feedback><score>N</score>, feedback at most "
+                           f"{j.max_feedback_chars} characters",
+                "sampling": {"temperature": 0.0, "max_tokens": int(j.max_tokens), "n_ctx": int(j.n_ctx)},
+                "prompt_template_sha256": prompt_template_hash(metric)}
+
+    def splits(self, prompts: list[dict]) -> dict:
+        """Which data each figure comes from, with sizes, and whether the evaluation prompts leak.
+
+        The evaluation prompts are compared with the training and validation prompts (identical up to
+        whitespace); the report shows the counts, so a prompt file that overlaps is seen, not trusted.
+        """
+        data_cfg = settings(DataConfig, self.job_cfg.data, "data")
+        s = three_splits(data_cfg)
+        texts = [p["prompt"] for p in prompts]
+        kind = str(self.prompts_cfg.kind)
+        return {
+            "train": {"rows": len(s.train), "source": s.sources["train"], "used_for": "training"},
+            "validation": {"rows": len(s.validation), "source": s.sources["validation"],
+                           "used_for": "checkpoint and winner selection, export verification"},
+            "test": {"rows": len(s.test), "source": s.sources["test"],
+                     "used_for": "judge calibration" + (", evaluation prompts" if kind == "heldout" else "")},
+            "evaluation_prompts": {"n": len(prompts), "kind": kind,
+                                   "source": "the test split" if kind == "heldout" else str(self.prompts_cfg.path),
+                                   "in_train": overlap(texts, s.train, data_cfg),
+                                   "in_validation": overlap(texts, s.validation, data_cfg)},
+        }
+
+    def calibration_sets(self) -> tuple[list[dict], list[dict]]:
+        """Preference pairs (chosen, rejected) of the test split, and the checkable evaluation prompts."""
+        data_cfg = settings(DataConfig, self.job_cfg.data, "data")
+        pairs = []
+        for row in three_splits(data_cfg, need_train=False).test:
+            try:
+                prompt, chosen, rejected = normalize_row(row, data_cfg)
+            except SkipRow:
+                continue
+            if prompt[-1]["role"] == "user":
+                pairs.append({"prompt": prompt[-1]["content"], "chosen": chosen, "rejected": rejected})
+        checkable = [{"prompt": p["prompt"], "expected": p["expected"]} for p in self.prompts()
+                     if p.get("expected") is not None] if self.checker else []
+        return pairs, checkable
 
     # ---------------------------------------------------------------- stages
 
@@ -173,18 +239,54 @@ class Evaluation:
             skipped = f", {len(rows) - len(answered)} skipped (too long)" if len(rows) > len(answered) else ""
             print(f"    {model}: {len(answered)} answers, {ended:.0%} ended by themselves{skipped}", flush=True)
 
+    def _backend(self, metric):
+        from orpolab.evaluate.judge import LlamaCppFlowJudge
+
+        j = self.cfg.judge
+        return LlamaCppFlowJudge(self.judge_file(), [r.score for r in metric.rubric], j.max_tokens,
+                                 j.max_feedback_chars, j.n_ctx, name=self.judge_name())
+
+    def calibrate(self) -> dict:
+        """The judge scores answers whose quality is known, before it scores the models (cached per judge)."""
+        from orpolab.evaluate.calibration import calibrate, flow_judge_scorer
+        from orpolab.evaluate.judge import metric_by_name
+
+        j = self.cfg.judge
+        out: dict = {"size": int(j.calibration_size), "metrics": {}}
+        if not j.calibration_size:
+            out["enabled"] = False
+            write_json_atomic(self.out / "calibration.json", out)
+            print("    calibration off (evaluation.judge.calibration_size=0): the judge is unmeasured", flush=True)
+            return out
+        pairs, checkable = self.calibration_sets()
+        cache = Path(str(j.calibration_cache))
+        for name in j.metrics:
+            metric = metric_by_name(name)
+            identity = self.judge_identity(name)
+            scorer = flow_judge_scorer(lambda m=metric: self._backend(m), self.out / "flow_judge")
+            try:
+                result = calibrate(scorer, metric, pairs, checkable, self.checker, cache, key_parts=identity,
+                                   size=int(j.calibration_size), seed=int(self.cfg.bootstrap.seed),
+                                   n_resamples=int(self.cfg.bootstrap.n_resamples))
+            finally:
+                scorer.close()
+            out["metrics"][name] = result
+            print(f"    {name}: {calibration_line(result)}", flush=True)
+        out["enabled"] = True
+        write_json_atomic(self.out / "calibration.json", out)
+        return out
+
     def judge(self) -> None:
         from flow_judge import EvalInput, FlowJudge
 
-        from orpolab.evaluate.judge import LlamaCppFlowJudge, metric_by_name
+        from orpolab.evaluate.judge import metric_by_name
 
         prompts = {p["id"]: p for p in self.prompts()}
         answers = self.answers()
         if not all(answers.values()):
             raise OrpolabError("no answers to judge yet; run the generate stage first")
-        judge_file, judge_name = self.judge_file(), self.judge_name()
-        j = self.cfg.judge
-        for metric_name in j.metrics:
+        judge_name = self.judge_name()
+        for metric_name in self.cfg.judge.metrics:
             metric = metric_by_name(metric_name)
             out_file = self.out / f"verdicts-{metric_name}.jsonl"
             done = {(v["model"], v["id"]) for v in read_jsonl(out_file)}
@@ -192,8 +294,7 @@ class Evaluation:
                     if (m, pid) not in done and pid in answers[m] and "answer" in answers[m][pid]]
             if not todo:
                 continue
-            backend = LlamaCppFlowJudge(judge_file, [r.score for r in metric.rubric], j.max_tokens,
-                                        j.max_feedback_chars, j.n_ctx, name=judge_name)
+            backend = self._backend(metric)
             judge = FlowJudge(metric=metric, model=backend, output_dir=str(self.out / "flow_judge"))
             try:
                 from tqdm.auto import tqdm
@@ -223,58 +324,95 @@ class Evaluation:
 
     def score(self) -> dict:
         boot = self.cfg.bootstrap
+        n, seed = int(boot.n_resamples), int(boot.seed)
         prompts = self.prompts()
         answers = self.answers()
         checked = self.checked(prompts, answers)
-        results: dict = {"prompts": len(prompts), "judge": self.judge_name(), "models_order": list(self.models),
-                         "stand_in": bool(self.cfg.judge.stand_in),
-                         "generation": OmegaConf.to_container(self.cfg.generation, resolve=True),
-                         "quant": str(self.cfg.quant).upper(), "models": {}, "metrics": {}}
+        figures = list(getattr(self.checker, "figures", ())) if self.checker else []
+        calibration_file = self.out / "calibration.json"
+        results: dict = {
+            "prompts": len(prompts), "judge": self.judge_name(), "models_order": list(self.models),
+            "trained": list(self.trained), "stand_in": bool(self.cfg.judge.stand_in),
+            "generation": OmegaConf.to_container(self.cfg.generation, resolve=True),
+            "quant": str(self.cfg.quant).upper(), "quant_labels": self.quant_labels, "checks": figures,
+            "splits": self.splits(prompts),
+            "judge_identity": {m: self.judge_identity(m) for m in self.cfg.judge.metrics},
+            "calibration": json.loads(calibration_file.read_text()) if calibration_file.is_file() else None,
+            "self_preference": self_preference(self.job_cfg),
+            "models": {}, "metrics": {},
+        }
         for m in self.models:
             rows = [answers[m].get(p["id"], {}) for p in prompts]
             answered = [r for r in rows if "answer" in r]
-            n = max(1, len(answered))
+            k = max(1, len(answered))
             stats = {
                 "answered": len(answered), "skipped": sum("skipped" in r for r in rows),
-                "ended_by_eos": sum(r["finish_reason"] == "stop" for r in answered) / n,
-                "mean_tokens": sum(r["completion_tokens"] for r in answered) / n,
-                "mean_repeated_3gram_fraction": sum(r["repeated_3gram_fraction"] for r in answered) / n,
+                "ended_by_eos": sum(r["finish_reason"] == "stop" for r in answered) / k,
+                "hit_budget": sum(r["finish_reason"] == "length" for r in answered),
+                "mean_tokens": sum(r["completion_tokens"] for r in answered) / k,
+                "mean_repeated_3gram_fraction": sum(r["repeated_3gram_fraction"] for r in answered) / k,
             }
-            if checked.get(m):
-                correct = [float(c) for c in checked[m].values()]
-                lo, hi = bootstrap_mean_ci(correct, boot.n_resamples, seed=boot.seed)
-                stats["accuracy"] = {"mean": sum(correct) / len(correct), "ci_low": lo, "ci_high": hi,
-                                     "n": len(correct)}
+            for fig in figures:
+                values = [float(c[fig]) for c in checked[m].values()]
+                if values:
+                    lo, hi = bootstrap_mean_ci(values, n, seed=seed)
+                    stats.setdefault("checks", {})[fig] = {"mean": sum(values) / len(values), "ci_low": lo,
+                                                           "ci_high": hi, "n": len(values)}
             results["models"][m] = stats
-        if any(checked.values()):
-            correct = {m: [float(c) for c in checked[m].values()] for m in self.models}
+        if checked:
+            def figure(m: str, fig: str) -> list[float]:
+                return [float(c[fig]) for c in checked[m].values()]
+
             # Each trained model against the base, on the same prompts.
-            results["accuracy_paired"] = {m: paired_comparison(correct[m], correct["base"], boot.n_resamples,
-                                                               boot.seed) for m in self.trained}
+            results["checks_paired"] = {fig: {m: paired_comparison(figure(m, fig), figure("base", fig), n, seed)
+                                              for m in self.trained} for fig in figures}
+        tokens = {m: [answers[m].get(p["id"], {}).get("completion_tokens") for p in prompts] for m in self.models}
         for metric_name in self.cfg.judge.metrics:
             verdicts = read_jsonl(self.out / f"verdicts-{metric_name}.jsonl")
             score = {(v["model"], v["id"]): (v["score"] if v["score"] >= 0 else None) for v in verdicts}
             per = {m: [score.get((m, p["id"])) for p in prompts] for m in self.models}
             entry = {"parse_failures": sum(v["score"] < 0 for v in verdicts), "verdicts": len(verdicts),
-                     "paired": {m: paired_comparison(per[m], per["base"], boot.n_resamples, boot.seed)
+                     "paired": {m: paired_comparison(per[m], per["base"], n, seed) for m in self.trained},
+                     "length": {m: length_sensitivity(per[m], per["base"], tokens[m], tokens["base"], n, seed)
                                 for m in self.trained}}
             for m in self.models:
                 vals = [s for s in per[m] if s is not None]
                 if vals:
-                    lo, hi = bootstrap_mean_ci(vals, boot.n_resamples, seed=boot.seed)
+                    lo, hi = bootstrap_mean_ci(vals, n, seed=seed)
                     entry[m] = {"mean": sum(vals) / len(vals), "ci_low": lo, "ci_high": hi, "n": len(vals)}
-                checkable = [(s, checked[m][p["id"]]) for p, s in zip(prompts, per[m], strict=True)
-                             if p.get("expected") is not None]
-                if checkable:
-                    entry.setdefault("agreement", {})[m] = judge_agreement([s for s, _ in checkable],
-                                                                           [c for _, c in checkable],
-                                                                           self.cfg.judge.good_threshold)
             results["metrics"][metric_name] = entry
+        if len(self.quant_labels) > 1:
+            results["quant_costs"] = quant_costs(self.quant_labels, checked, figures, results["metrics"], prompts,
+                                                 self.cfg.judge.metrics, self.out, n, seed)
         write_json_atomic(self.out / "results.json", results)
+        self._log_results(results)
         return results
 
-    def report(self, report_dir: Path) -> Path:
-        """Gather what the report shows (MLflow, the stages' files), write it, log it on the parent run."""
+    def _log_results(self, results: dict) -> None:
+        """Calibration, quantization costs and the judge's identity on the sweep's MLflow parent run."""
+        run = tracking.JobRun(self.tracking_uri, self.export["parent_run_id"])
+        metrics: dict[str, float] = {}
+        for name, c in ((results.get("calibration") or {}).get("metrics") or {}).items():
+            for part in ("pairwise", "auc"):
+                entry = c.get(part) or {}
+                if entry.get("value") is not None:
+                    metrics[f"calibration/{name}/{part}"] = entry["value"]
+                    metrics[f"calibration/{name}/{part}_ci_low"] = entry["ci_low"]
+        for q, row in (results.get("quant_costs") or {}).get("rows", {}).items():
+            for key, value in row.items():
+                if isinstance(value, int | float):
+                    metrics[f"quant/{q}/{key}"] = value
+        if metrics:
+            run.log_metrics(metrics)
+        tags = {}
+        for name, ident in results["judge_identity"].items():
+            tags.update({f"orpolab.judge.{name}.file": ident["file"], f"orpolab.judge.{name}.sha256": ident["sha256"],
+                         f"orpolab.judge.{name}.prompt_template": ident["prompt_template_sha256"]})
+        run.set_tags(tags)
+
+    def report(self, report_root: Path) -> Path:
+        """Gather what the report shows (MLflow, the stages' files), write it to ``<report_root>/<sweep id>/``,
+        point ``<report_root>/latest`` at it, and log it on the parent run."""
         from orpolab.evaluate.report import CURVES, ReportInputs, write_report
 
         results_file = self.out / "results.json"
@@ -294,12 +432,97 @@ class Evaluation:
         inputs = ReportInputs(sweep=self.sweep, parent_run_id=self.export["parent_run_id"], export=self.export,
                               results=results, models=self.models, prompts=prompts, jobs=jobs, curves=curves,
                               answers=answers, scores=scores, checked=checked)
+        report_dir = Path(report_root) / self.sweep.name
         out = write_report(inputs, report_dir)
+        point_latest(Path(report_root), report_dir)
         run = tracking.JobRun(self.tracking_uri, self.export["parent_run_id"])
         for f in (out, report_dir / "training_curves.png", report_dir / "scores.png", results_file):
             if f.is_file():
                 tracking.with_retry(lambda f=f: run.client.log_artifact(run.run_id, str(f), "report"))
         return out
+
+
+def self_preference(job_cfg: DictConfig) -> dict:
+    """Whether the judge judges its own family (``model.family`` = ``evaluation.judge.family``).
+
+    Judges tend to prefer text of their own lineage; the report says so in its first lines.
+    """
+    family, judge_family = job_cfg.model.get("family"), job_cfg.evaluation.judge.get("family")
+    return {"model_family": family, "judge_family": judge_family,
+            "same": bool(family and judge_family and family == judge_family)}
+
+
+def quant_labels(first: str, main: str, quants: list[str]) -> dict[str, str]:
+    """Quantization -> the model label that answers with it: the main quantization is the winner itself."""
+    return {q: first if q == main else f"{first}@{q}" for q in quants}
+
+
+def quant_of(file_name: str) -> str:
+    """A GGUF's quantization from its file name (``flow-judge-v0.1-Q4_K_M.gguf`` -> ``Q4_K_M``)."""
+    import re
+
+    match = re.search(r"(?i)(BF16|F16|F32|IQ\d_\w+?|Q\d_K_[SML]|Q\d_K|Q\d_\d)(?=\.gguf$|[-.])", file_name)
+    return match.group(1).upper() if match else "unknown"
+
+
+def length_sensitivity(scores: list, base_scores: list, tokens: list, base_tokens: list, n: int, seed: int) -> dict:
+    """Per prompt, score difference regressed on answer-length difference (tokens): a sensitivity figure."""
+    from orpolab.evaluate.stats import length_regression
+
+    rows = [(s - b, t - u) for s, b, t, u in zip(scores, base_scores, tokens, base_tokens, strict=True)
+            if None not in (s, b, t, u)]
+    return length_regression([d for d, _ in rows], [x for _, x in rows], n, seed)
+
+
+def quant_costs(labels: dict[str, str], checked: dict, figures: list[str], metrics: dict, prompts: list[dict],
+                metric_names, out: Path, n: int, seed: int) -> dict:
+    """Per quantization of the winner: checked figures and judge score, each paired against F16."""
+    reference = "F16" if "F16" in labels else next(iter(labels))
+    rows: dict[str, dict] = {}
+    for q, label in labels.items():
+        row: dict = {"model": label}
+        for fig in figures:
+            values = [float(c[fig]) for c in checked.get(label, {}).values()]
+            if values:
+                row[fig] = sum(values) / len(values)
+                if q != reference:
+                    ref = [float(c[fig]) for c in checked[labels[reference]].values()]
+                    row[f"{fig}_vs_{reference}"] = paired_comparison(values, ref, n, seed)
+        for name in metric_names:
+            entry = metrics[name]
+            if entry.get(label):
+                row[f"judge_{name}"] = entry[label]["mean"]
+            if q != reference:
+                verdicts = read_jsonl(out / f"verdicts-{name}.jsonl")
+                score = {(v["model"], v["id"]): (v["score"] if v["score"] >= 0 else None) for v in verdicts}
+                row[f"judge_{name}_vs_{reference}"] = paired_comparison(
+                    [score.get((label, p["id"])) for p in prompts],
+                    [score.get((labels[reference], p["id"])) for p in prompts], n, seed)
+        rows[q] = row
+    return {"reference": reference, "rows": rows}
+
+
+def calibration_line(result: dict) -> str:
+    """One console line for a metric's calibration figures."""
+    from orpolab.evaluate.stats import figure_text
+
+    parts = []
+    if result.get("pairwise"):
+        parts.append(f"P(chosen scored higher) + ½ ties {figure_text(result['pairwise'])} on "
+                     f"{result['pairwise'].get('n', 0)} test pairs")
+    if result.get("auc"):
+        parts.append(f"AUC {figure_text(result['auc'])} on {result['auc'].get('n', 0)} checked answers")
+    cached = " (cached)" if result.get("cached") else ""
+    return "; ".join(parts) + f": {result.get('verdict', '')}{cached}"
+
+
+def point_latest(root: Path, target: Path) -> None:
+    """``<root>/latest`` -> the newest report folder, replaced in one step (a symlink renamed over the old)."""
+    link, tmp = root / "latest", root / ".latest.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(target.name, target_is_directory=True)
+    os.replace(tmp, link)
 
 
 def sweep_jobs(tracking_uri: str, export: dict) -> list[dict]:
@@ -323,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Evaluate a sweep's exported winner against its base on the CPU.")
     parser.add_argument("sweep_dir")
     parser.add_argument("--stage", choices=STAGES, action="append", help="run only these stages (repeatable)")
-    parser.add_argument("--report-dir", default=None, help="default: report/ in the project")
+    parser.add_argument("--report-dir", default=None,
+                        help="where reports go, one folder per sweep and `latest` (default: report/ in the project)")
     parser.add_argument("--tracking-uri", default=None)
     console.add_debug_flag(parser)
     args = parser.parse_args(argv)

@@ -17,6 +17,7 @@ from pathlib import Path
 import matplotlib
 
 from orpolab.core import console
+from orpolab.evaluate.stats import figure_text
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -24,7 +25,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 CURVES = ("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
           "train/rewards/accuracies")
 SWEEP_PARAMS = ("model.name_or_path", "method.name", "method.beta", "optim.lr", "seed")
-STAND_IN_NOTE = " This report was scored by a stand-in, not by Flow Judge: its judge scores say nothing about quality."
 COLORS = ["#999999", "#2b7bba", "#e08a2c", "#4a9e5c", "#b55d9e", "#8c6d4f"]
 
 
@@ -63,11 +63,16 @@ class ReportInputs:
     curves: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
     answers: dict[str, dict[int, dict]] = field(default_factory=dict)
     scores: dict[str, dict[int, int]] = field(default_factory=dict)
-    checked: dict[str, dict[int, bool]] = field(default_factory=dict)
+    checked: dict[str, dict[int, dict[str, bool]]] = field(default_factory=dict)
 
     @property
     def trained(self) -> tuple[str, ...]:
-        return tuple(m for m in self.models if m != "base")
+        """The exported models compared with the base (not the winner's other quantizations)."""
+        return tuple(self.results.get("trained") or [m for m in self.models if m != "base"])
+
+    def trained_models(self) -> tuple[str, ...]:
+        """The base, then the exported models: the rows of the method comparison."""
+        return ("base", *self.trained)
 
     @property
     def exported(self) -> dict[str, dict]:
@@ -96,8 +101,9 @@ def plot_curves(r: ReportInputs, path: Path) -> None:
 def plot_scores(results: dict, models: tuple[str, ...], path: Path) -> None:
     """Mean judge score and objective accuracy of every model, with bootstrap intervals."""
     panels = [(f"judge: {name}", entry) for name, entry in results["metrics"].items()]
-    if any("accuracy" in results["models"][m] for m in models):
-        panels.append(("exact-answer accuracy", {m: results["models"][m].get("accuracy") for m in models}))
+    for f in results.get("checks") or []:
+        panels.append((f"checked: {figure_name(f).split(' (')[0]}",
+                       {m: results["models"][m].get("checks", {}).get(f) for m in models}))
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(max(4.5, 1.2 * len(models) + 2) * max(1, len(panels)),
                                                               3.2), squeeze=False)
     for ax, (title, entry) in zip(axes[0], panels, strict=False):
@@ -126,38 +132,104 @@ def seed_spread(rows: list[dict]) -> list[str]:
     return lines
 
 
+FIGURE_NAMES = {"value_right": "value right", "exact": "exact (value right, ended, no repetition)"}
+HELD_OUT = (("val/chosen_bpb", "held-out chosen bits/byte", "{:.4f}"),
+            ("val/pref_accuracy", "held-out preference accuracy", "{:.3f}"))
+
+
+def figure_name(fig: str) -> str:
+    return FIGURE_NAMES.get(fig, fig.replace("_", " "))
+
+
+def held_out_cell(job: dict, key: str, fmt: str) -> str:
+    """The exported (best) checkpoint's held-out value, and the job's last evaluation beside it when it differs."""
+    metrics = job.get("metrics", {})
+    best, last = metrics.get(f"best/{key}"), metrics.get(key)
+    if best is None:
+        return fmt.format(last) + " (last evaluation)" if last is not None else "-"
+    text = fmt.format(best)
+    if last is not None and fmt.format(last) != text:
+        text += f" (last: {fmt.format(last)})"
+    return text
+
+
+def judge_trust(results: dict) -> tuple[str, bool]:
+    """(a sentence on how far the judge's scores can be trusted, whether they are uninformative)."""
+    cal = results.get("calibration")
+    if cal is None:
+        return ("**The judge's calibration has not run** (`python -m orpolab.evaluate <sweep> --stage calibrate`): "
+                "its scores carry no measured reliability.", False)
+    if not cal.get("enabled"):
+        return ("**The judge is unmeasured** (calibration off: evaluation.judge.calibration_size=0): its scores "
+                "carry no measured reliability.", False)
+    sentences, uninformative = [], False
+    for name, c in (cal.get("metrics") or {}).items():
+        parts = []
+        if c.get("pairwise"):
+            parts.append(f"P(chosen scored higher) + ½·P(tie) = {figure_text(c['pairwise'])} on "
+                         f"{c['pairwise'].get('n', 0)} test-split pairs (chance 0.5; ties "
+                         f"{c['pairwise'].get('p_tie', 0):.0%})")
+        if c.get("auc"):
+            parts.append(f"AUC against checked correctness {figure_text(c['auc'])} on {c['auc'].get('n', 0)} "
+                         "answers built right and wrong")
+        bad = c.get("verdict") == "no better than chance"
+        uninformative |= bad
+        sentences.append(f"{name}: " + "; ".join(parts) + (
+            " — **no better than chance: its scores below are uninformative.**" if bad else "."))
+    return "Judge calibration (95% intervals): " + " ".join(sentences), uninformative
+
+
+def warnings(results: dict) -> list[str]:
+    """What the reader must know before any figure: stand-in judge, an unreliable judge, self-preference, leaks."""
+    lines = []
+    trust, _ = judge_trust(results)
+    lines.append(trust)
+    if results.get("stand_in"):
+        lines.append("**Stand-in judge**: a small local model stands in for Flow Judge (offline); its scores are not "
+                     "Flow Judge's.")
+    sp = results.get("self_preference") or {}
+    if sp.get("same"):
+        lines.append(f"**Self-preference warning**: the judge and the evaluated models are of the same family "
+                     f"(`{sp['model_family']}`); judges tend to favour text of their own lineage.")
+    ev = (results.get("splits") or {}).get("evaluation_prompts") or {}
+    if ev.get("in_train") or ev.get("in_validation"):
+        lines.append(f"**Leak**: {ev.get('in_train', 0)} evaluation prompts also appear in the training data and "
+                     f"{ev.get('in_validation', 0)} in the validation data (identical prompts).")
+    return lines
+
+
 def method_comparison(r: ReportInputs) -> list[str]:
     """Per method: how its model was picked, its held-out metrics, and its scores against the base."""
     results, exported = r.results, r.exported
+    figures = results.get("checks") or []
     by_run = {j["run_id"]: j for j in r.jobs}
     md = ["## Method comparison", "",
           "Each method's best job was picked by the selection metric named in the table. That metric is "
           "comparable across methods but favours some by construction (SFT minimises exactly the chosen "
           "answers' NLL, which bits per byte measures), so the methods are compared on the answers below, "
           "not by it.", "",
-          "| model | method | job | picked by | held-out chosen bits/byte | held-out preference accuracy | "
+          "| model | method | job | picked by | " + " | ".join(h for _, h, _ in HELD_OUT) + " | "
           + " | ".join(f"{name} (vs base)" for name in results["metrics"])
-          + (" | exact-answer accuracy (vs base) |" if "accuracy_paired" in results else " |"),
-          "|---|---|---|---|---|---|" + "---|" * len(results["metrics"])
-          + ("---|" if "accuracy_paired" in results else "")]
-    for model in r.models:
+          + "".join(f" | {figure_name(f)} (vs base)" for f in figures) + " |",
+          "|---|---|---|---|---|---|" + "---|" * (len(results["metrics"]) + len(figures))]
+    for model in r.trained_models():
         if model == "base":
             cells = ["base", "-", "-", "-", "-", "-"]
         else:
             e = exported[model]
             job = by_run.get(e["run_id"], {"metrics": {}})
-            bpb, acc = job["metrics"].get("val/chosen_bpb"), job["metrics"].get("val/pref_accuracy")
             cells = [model, e.get("method", "orpo"), str(e["job"]), f"{e.get('metric', '')} = {e['value']:.4f}",
-                     f"{bpb:.4f}" if bpb is not None else "-", f"{acc:.3f}" if acc is not None else "-"]
+                     *(held_out_cell(job, key, fmt) for key, _, fmt in HELD_OUT)]
         for entry in results["metrics"].values():
             vs = "" if model == "base" else f" ({_diff(entry['paired'][model])})"
             cells.append(_interval(entry.get(model)) + vs)
-        if "accuracy_paired" in results:
-            vs = "" if model == "base" else f" ({_diff(results['accuracy_paired'][model])})"
-            cells.append(_interval(results["models"][model].get("accuracy")) + vs)
+        for f in figures:
+            vs = "" if model == "base" else f" ({_diff(results['checks_paired'][f][model])})"
+            cells.append(_interval(results["models"][model].get("checks", {}).get(f)) + vs)
         md.append("| " + " | ".join(cells) + " |")
-    md += ["", "Held-out metrics are the last evaluation of each job's run; intervals are 95% bootstrap intervals, "
-           "differences are paired on the same prompts.", ""]
+    md += ["", "Held-out metrics are those of the exported (best) checkpoint, on the validation split; the job's "
+           "last evaluation is shown beside where it differs. Intervals are 95% bootstrap intervals, differences "
+           "are paired on the same prompts.", ""]
     return md
 
 
@@ -168,22 +240,26 @@ def headline(results: dict, export: dict) -> list[str]:
     console ends with it and the report opens with it.
     """
     exported = export.get("winners") or {"winner": export["winner"]}
-    models = results.get("models_order") or ["base", *exported]
-    trained = [m for m in models if m != "base"]
+    trained = results.get("trained") or [m for m in results.get("models_order") or ["base", *exported]
+                                         if m != "base"]
+    _, uninformative = judge_trust(results)
     lines = []
     for m in trained:
         e = exported.get(m, {})
         lines.append(f"Result: {m} = job {e.get('job', '?')} ({console.brief_overrides(e.get('overrides', ''))}), "
                      f"{e.get('metric', '')} {e.get('value', float('nan')):.4f}; against its base on "
                      f"{results['prompts']} prompts ({results['quant']} GGUFs), 95% intervals:")
-        base_acc, acc = results["models"]["base"].get("accuracy"), results["models"][m].get("accuracy")
-        paired = results.get("accuracy_paired", {}).get(m, {})
-        if base_acc and acc:
-            lines.append(f"  exact-answer accuracy  base {_interval(base_acc)}  {m} {_interval(acc)}  "
-                         f"paired difference {_diff(paired)}")
+        for f in results.get("checks") or []:
+            base_f = results["models"]["base"].get("checks", {}).get(f)
+            mine = results["models"][m].get("checks", {}).get(f)
+            paired = results.get("checks_paired", {}).get(f, {}).get(m, {})
+            if base_f and mine:
+                lines.append(f"  {figure_name(f).split(' (')[0]:<13}  base {_interval(base_f)}  {m} {_interval(mine)}  "
+                             f"paired difference {_diff(paired)}")
         for name, entry in results["metrics"].items():
             p = entry["paired"].get(m, {})
-            note = "  (stand-in judge: means nothing)" if results.get("stand_in") else ""
+            note = ("  (stand-in judge)" if results.get("stand_in") else "") + (
+                "  (judge no better than chance: uninformative)" if uninformative else "")
             label = name.removeprefix("RESPONSE_").lower().replace("_", ", ")
             lines.append(f"  judge ({label})  base {_interval(entry.get('base'))}  "
                          f"{m} {_interval(entry.get(m))}  paired difference {_diff(p)}, "
@@ -191,6 +267,96 @@ def headline(results: dict, export: dict) -> list[str]:
         ends = {k: results["models"][k]["ended_by_eos"] for k in ("base", m)}
         lines.append(f"  answers that end by themselves  base {ends['base']:.0%}  {m} {ends[m]:.0%}")
     return lines
+
+
+def data_section(results: dict) -> list[str]:
+    """Which split each figure comes from, with its size."""
+    s = results.get("splits")
+    if not s:
+        return []
+    md = ["## Data", "", "| split | rows | source | used for |", "|---|---|---|---|"]
+    for name in ("train", "validation", "test"):
+        md.append(f"| {name} | {s[name]['rows']} | {_short(s[name]['source'], 90)} | {s[name]['used_for']} |")
+    ev = s["evaluation_prompts"]
+    md += ["", f"Evaluation prompts: {ev['n']} from {ev['source']} ({ev['kind']}); identical prompts found in "
+           f"training: {ev['in_train']}, in validation: {ev['in_validation']}. The answers, the judge's scores and "
+           "every comparison below are on these prompts; held-out bits/byte and preference accuracy are on the "
+           "validation split, which also selected the checkpoints and the winner.", ""]
+    return md
+
+
+def judge_section(results: dict) -> list[str]:
+    """The judge's identity and calibration."""
+    md = ["## Judge", "", f"{results['judge']}.", ""]
+    for name, ident in (results.get("judge_identity") or {}).items():
+        md.append(f"- {name}: file `{ident['file']}` (sha256 {ident['sha256']}), quantization {ident['quant']}, "
+                  f"family `{ident.get('family')}`; grammar {ident['grammar']} (sha256 {ident['grammar_sha256']}); "
+                  f"sampling {json.dumps(ident['sampling'])}; prompt template sha256 "
+                  f"{ident['prompt_template_sha256']}.")
+    trust, _ = judge_trust(results)
+    md += ["", trust, "",
+           "Calibration never grades an answer against itself: preference pairs are scored with a reference-free "
+           "variant of the metric (the same rubric, only the question), checked answers against the correct value.",
+           ""]
+    return md
+
+
+def length_section(results: dict, models: tuple[str, ...], trained: tuple[str, ...]) -> list[str]:
+    md = ["## How the answers end, and their length", "",
+          "| model | ended by itself | hit the token budget | mean tokens | repeated 3-grams | skipped |",
+          "|---|---|---|---|---|---|"]
+    budget = results.get("generation", {}).get("max_tokens")
+    for m in models:
+        s = results["models"][m]
+        md.append(f"| {m} | {s['ended_by_eos']:.0%} | {s.get('hit_budget', '-')} of {s['answered']} | "
+                  f"{s['mean_tokens']:.1f} | {s['mean_repeated_3gram_fraction']:.3f} | {s['skipped']} |")
+    md += ["", f"Token budget: {budget} tokens per answer.", "",
+           "Length sensitivity (a sensitivity figure, not AlpacaEval's length-controlled win rate): per prompt, "
+           "the judge-score difference (model - base) regressed by least squares on the answer-length difference "
+           "in tokens; the intercept is the difference at equal length, the slope what each extra token is worth "
+           "to the judge (95% paired-bootstrap intervals).", ""]
+    for name, entry in results["metrics"].items():
+        for m in trained:
+            reg = (entry.get("length") or {}).get(m) or {}
+            if "slope" not in reg:
+                md.append(f"- {name}, {m}: not computed ({reg.get('reason', 'no scored pairs')}).")
+                continue
+            lo, hi = reg["length_diff_range"]
+            c_lo, c_hi = reg["length_diff_central_90"]
+            md.append(f"- {name}, {m}: intercept {reg['intercept']:+.3f} [{reg['intercept_ci_low']:+.3f}, "
+                      f"{reg['intercept_ci_high']:+.3f}], slope {reg['slope']:+.4f} per token "
+                      f"[{reg['slope_ci_low']:+.4f}, {reg['slope_ci_high']:+.4f}]; n = {reg['n']}, length differences "
+                      f"from {lo:+.0f} to {hi:+.0f} tokens (central 90%: {c_lo:+.0f} to {c_hi:+.0f}).")
+            if reg.get("zero_outside_central_90"):
+                md.append("  **Warning**: equal length lies outside the central 90% of the length differences, so the "
+                          "intercept extrapolates; do not read it as the difference at equal length.")
+    return md + [""]
+
+
+def quant_section(results: dict) -> list[str]:
+    qc = results.get("quant_costs")
+    if not qc:
+        return []
+    ref = qc["reference"]
+    figures = results.get("checks") or []
+    metrics = list(results["metrics"])
+    md = ["## What quantization costs", "",
+          f"The winner answered and judged at each quantization, on the same prompts; differences are paired "
+          f"against {ref} (95% bootstrap intervals).", "",
+          "| quantization | " + " | ".join(f"{figure_name(f).split(' (')[0]} (vs {ref})" for f in figures)
+          + "".join(f" | judge {n} (vs {ref})" for n in metrics) + " |",
+          "|---|" + "---|" * (len(figures) + len(metrics))]
+    for q, row in qc["rows"].items():
+        cells = [q]
+        for f in figures:
+            vs = row.get(f"{f}_vs_{ref}")
+            cells.append(("-" if f not in row else f"{row[f]:.3f}") + (f" ({_diff(vs)})" if vs else ""))
+        for n in metrics:
+            vs = row.get(f"judge_{n}_vs_{ref}")
+            value = row.get(f"judge_{n}")
+            cells.append(("-" if value is None else f"{value:.3f}") + (f" ({_diff(vs)})" if vs else ""))
+        md.append("| " + " | ".join(cells) + " |")
+    return md + [""]
 
 
 def write_report(r: ReportInputs, report_dir: Path) -> Path:
@@ -201,33 +367,37 @@ def write_report(r: ReportInputs, report_dir: Path) -> Path:
     plot_scores(results, models, report_dir / "scores.png")
     md = [f"# orpolab report: {r.sweep.name}", "",
           f"Sweep folder `{r.sweep}`; MLflow parent run `{r.parent_run_id}`.", "",
-          f"**Judge: {results['judge']}.**" + (STAND_IN_NOTE if results["stand_in"] else ""), "",
+          *[f"{w}\n" for w in warnings(results)],
           "```", *headline(results, r.export), "```",
           "", f"Answers: {results['quant']} GGUFs of {', '.join(models)} on the CPU, generation settings "
           f"`{json.dumps(results['generation'])}`; {results['prompts']} prompts.", "",
-          "## Sweep", "", f"Selection metric: `{rows[0]['metric'] if rows else ''}` (exported jobs are marked"
-          + ("; one per method" if len(trained) > 1 else "") + ").", "",
-          "| job | method | model | beta | lr | seed | status | selection value | exported |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          *data_section(results),
+          "## Sweep", "", f"Selection metric: `{rows[0]['metric'] if rows else ''}` on the validation split (exported "
+          "jobs are marked" + ("; one per method" if len(r.exported) > 1 else "") + ").", "",
+          "| job | method | model | beta | lr | seed | status | selection value | "
+          "held-out preference accuracy (best checkpoint) | exported |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for j in rows:
         value = f"{j['value']:.4f}" if j["value"] is not None else "-"
         mark = f"**{j['exported']}**" if j["exported"] else ""
         md.append(f"| {j['job']} | {j['method']} | {Path(j['model.name_or_path']).name} | {j['method.beta']} | "
-                  f"{j['optim.lr']} | {j['seed']} | {j['status']} | {value} | {mark} |")
+                  f"{j['optim.lr']} | {j['seed']} | {j['status']} | {value} | "
+                  f"{held_out_cell(j, 'val/pref_accuracy', '{:.3f}')} | {mark} |")
     md += ["", *seed_spread(rows), "", "## Training curves", "", "![training curves](training_curves.png)", ""]
-    if len(trained) > 1:
+    if len(r.exported) > 1:
         md += method_comparison(r)
     md += ["## Export verification", ""]
     for label, e in exported.items():
         md.append(f"- {label}: job {e['job']} ({e['overrides']}), merged model `{e.get('merged_model', '')}`.")
-    md += ["", "| model | GGUF | token ids | ppl GGUF | ppl PyTorch | ratio (max) | top-1 agreement (min) | |",
+    md += ["", "On validation conversations (never training rows).", "",
+           "| model | GGUF | token ids | ppl GGUF | ppl PyTorch | ratio (max) | top-1 agreement (min) | |",
            "|---|---|---|---|---|---|---|---|"]
     for c in r.export["verification"]:
         md.append(f"| {c.get('model', 'winner')} | {Path(c['gguf']).name} | "
                   f"{'identical' if not c['token_id_mismatches'] else 'differ'} | "
                   f"{c['ppl_gguf']:.3f} | {c['ppl_pytorch']:.3f} | {c['ppl_ratio']:.3f} ({c['max_ppl_ratio']}) | "
                   f"{c['top1_agreement']:.3f} ({c['min_top1_agreement']}) | {'ok' if c['passed'] else 'FAILED'} |")
-    md += ["", "## Scores", "", "![scores](scores.png)", "",
+    md += ["", *judge_section(results), "## Scores", "", "![scores](scores.png)", "",
            "| metric | model | score [95% CI] | base | model - base [95% CI] | wins / ties / losses | parse failures |",
            "|---|---|---|---|---|---|---|"]
     for name, e in results["metrics"].items():
@@ -235,28 +405,16 @@ def write_report(r: ReportInputs, report_dir: Path) -> Path:
             p = e["paired"][m]
             md.append(f"| {name} | {m} | {_interval(e.get(m))} | {_interval(e.get('base'))} | {_diff(p)} "
                       f"| {p['wins']} / {p['ties']} / {p['losses']} | {e['parse_failures']} |")
-    acc = {m: results["models"][m].get("accuracy") for m in models}
-    if all(acc.values()):
-        md += ["", "Exact-answer accuracy (checked by a program: the right value, stated once): " + ", ".join(
-            f"{m} {a['mean']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]" for m, a in acc.items()) + "."]
-        for m, p in results.get("accuracy_paired", {}).items():
+    for f in results.get("checks") or []:
+        values = {m: results["models"][m].get("checks", {}).get(f) for m in models}
+        md += ["", f"Checked by a program, **{figure_name(f)}**: " + ", ".join(
+            f"{m} {_interval(a)}" for m, a in values.items() if a) + "."]
+        for m, p in results.get("checks_paired", {}).get(f, {}).items():
             if "mean_diff" in p:
-                md.append(f"- Paired on the same prompts, {m} - base: {p['mean_diff']:+.3f} "
-                          f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] (95% bootstrap); {m} right and base wrong on "
-                          f"{p['wins']} prompts, the reverse on {p['losses']}.")
-        for name, e in results["metrics"].items():
-            for m, a in e.get("agreement", {}).items():
-                if a.get("n"):
-                    md.append(f"- {name}, {m}: judge agrees with the checked answer on {a['agreement']:.0%} of "
-                              f"{a['n']} answers (a judge that cannot tell right from wrong here should not be "
-                              "trusted elsewhere).")
-    md += ["", "## How the answers end", "", "| model | ended by itself | mean tokens | repeated 3-grams | skipped |",
-           "|---|---|---|---|---|"]
-    for m in models:
-        s = results["models"][m]
-        md.append(f"| {m} | {s['ended_by_eos']:.0%} | {s['mean_tokens']:.1f} | {s['mean_repeated_3gram_fraction']:.3f} "
-                  f"| {s['skipped']} |")
-    md += ["", "## Per prompt", "", *per_prompt_table(r)]
+                md.append(f"- Paired on the same prompts, {m} - base: {_diff(p)} (95% bootstrap); {m} right and base "
+                          f"wrong on {p['wins']} prompts, the reverse on {p['losses']}.")
+    md += ["", *quant_section(results), *length_section(results, models, trained),
+           "## Per prompt", "", *per_prompt_table(r)]
     out = report_dir / "report.md"
     tmp = report_dir / ".report.md.tmp"
     tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
@@ -268,16 +426,19 @@ def per_prompt_table(r: ReportInputs) -> list[str]:
     """One row per prompt, one column per model (answer, judge score, checked result), the best marked."""
     models = r.models
     first_metric = next(iter(r.results["metrics"]), None)
+    figures = r.results.get("checks") or []
+    last = figures[-1] if figures else None
     md = [f"Each cell: the answer, then the judge's {first_metric} score"
-          " and, where the answer can be checked, ✓ (right) or ✗ (wrong). **best**: the models with the top judge "
-          "score (checked answers first, when the prompt has one).", "",
+          + (f" and ✓ / ✗ for {figure_name(last)}" if last else "")
+          + ". **best**: the models with the top judge score (checked answers first, when the prompt has one).", "",
           "| prompt | " + " | ".join(models) + " | best |", "|---" * (len(models) + 2) + "|"]
     for prompt in r.prompts:
         cells, ranked = [], {}
         for m in models:
             answer = r.answers.get(m, {}).get(prompt["id"], {}).get("answer", "")
             score = r.scores.get(m, {}).get(prompt["id"])
-            correct = r.checked.get(m, {}).get(prompt["id"])
+            check = r.checked.get(m, {}).get(prompt["id"])
+            correct = check.get(last) if check and last else None
             mark = "" if correct is None else (" ✓" if correct else " ✗")
             cells.append(f"{_short(answer, 60)} ({score}){mark}")
             if score is not None and score >= 0:
