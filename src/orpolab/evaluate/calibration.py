@@ -74,13 +74,17 @@ def reference_free(metric: Metric) -> CustomMetric:
 
 
 def eval_input(metric: Metric, inputs: dict[str, str], answer: str) -> EvalInput:
-    """flow-judge's input for one answer: the metric's required inputs in its order, the answer as its output."""
+    """flow-judge's input for one answer: the metric's required inputs in its order, the answer as its output.
+
+    Exactly the metric's inputs: an extra one (a reference offered to the reference-free metric) is a
+    caller's mistake and is refused rather than silently dropped.
+    """
     from flow_judge import EvalInput
 
-    missing = [k for k in metric.required_inputs or [] if k not in inputs]
-    if missing:
-        raise OrpolabError(f"metric {metric.name} needs the inputs {missing}, got {sorted(inputs)}")
-    return EvalInput(inputs=[{k: inputs[k]} for k in metric.required_inputs or []],
+    required = list(metric.required_inputs or [])
+    if sorted(inputs) != sorted(required):
+        raise OrpolabError(f"metric {metric.name} takes the inputs {required}, got {sorted(inputs)}")
+    return EvalInput(inputs=[{k: inputs[k]} for k in required],
                      output={metric.required_output: answer})
 
 
