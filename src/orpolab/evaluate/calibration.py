@@ -157,7 +157,7 @@ class Item:
 
     role: str
     group: int
-    metric: Any
+    metric: Metric
     inputs: dict[str, str]
     answer: str
 
