@@ -1,0 +1,400 @@
+"""How far to trust the judge: it scores answers whose quality is known before it scores the models.
+
+Two calibration sets, both from the test split (never trained on, never used to select):
+
+* **preference pairs**: the chosen and the rejected answer to the same prompt. They are scored with
+  a reference-free variant of the metric (:func:`reference_free`: same criteria and rubric, only the
+  query as input), because the only reference a pair has is its chosen answer, and a judge shown
+  the graded answer as its own reference only has to notice the copy. Figure: how often the chosen
+  answer is scored above the rejected one, ties ½ (:func:`orpolab.evaluate.stats.pairwise_preference`).
+* **checkable prompts**: per prompt one right and one wrong answer built by the task's checker
+  (``checker.examples``), graded with the metric itself, whose reference is ``checker.reference(expected)``:
+  the correct value, never the graded answer and never derived from it. Figure: the AUC of the
+  score against correctness (:func:`orpolab.evaluate.stats.auc`).
+
+A judge whose pairwise interval reaches 0.5 is reported as "no better than chance": its verdicts on
+the models cannot be told from noise. Verdicts are cached under a folder keyed by what decides them
+(the judge file's sha256, the metric and the prompt text flow-judge builds for it, the grammar and
+sampling settings), appended to a JSONL one by one so a killed run resumes, and keyed per answer,
+so a larger or changed calibration set only judges what is new. A second call with the same key
+does no judging and loads no judge (:func:`flow_judge_scorer` opens its backend on first use).
+
+The judging itself is a function ``score_fn(metric, inputs, answer) -> score | None``, so this module
+runs without a model in the tests and without the pipeline's ``Evaluation`` class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orpolab.core.errors import OrpolabError
+from orpolab.core.files import append_jsonl, write_json_atomic
+from orpolab.evaluate.stats import auc, pairwise_preference
+
+if TYPE_CHECKING:
+    from flow_judge import EvalInput
+    from flow_judge.metrics import CustomMetric, Metric
+    from flow_judge.models.common import BaseFlowJudgeModel
+
+ScoreFn = Callable[["Metric", dict[str, str], str], "int | None"]
+
+REFERENCE_FREE_SUFFIX = "_REFERENCE_FREE"
+# The inputs a metric may name that are filled with the reference (correctness and faithfulness presets).
+REFERENCE_INPUTS = ("reference_answer", "context")
+HASH_CHUNK = 16 << 20  # bytes read at a time when hashing a judge file of a few GB
+SHORT_HASH = 12
+NOT_BETTER = "no better than chance"
+BETTER = "better than chance"
+UNMEASURED = "unmeasured"
+
+# sha256 of files by (resolved path, size, mtime in ns): a judge of a few GB is hashed once per process.
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+# ------------------------------------------------------------------ metrics and prompts
+
+
+def reference_free(metric: Metric) -> CustomMetric:
+    """The metric with the query as its only input: same name + ``_REFERENCE_FREE``, criteria, rubric, output.
+
+    Used for preference pairs, which have no reference but their own chosen answer; showing that
+    to the judge would grade the chosen answer against itself.
+    """
+    from flow_judge.metrics import CustomMetric
+
+    return CustomMetric(name=metric.name + REFERENCE_FREE_SUFFIX, criteria=metric.criteria,
+                        rubric=list(metric.rubric), required_inputs=["query"],
+                        required_output=metric.required_output)
+
+
+def eval_input(metric: Metric, inputs: dict[str, str], answer: str) -> EvalInput:
+    """flow-judge's input for one answer: the metric's required inputs in its order, the answer as its output.
+
+    Exactly the metric's inputs: an extra one (a reference offered to the reference-free metric) is a
+    caller's mistake and is refused rather than silently dropped.
+    """
+    from flow_judge import EvalInput
+
+    required = list(metric.required_inputs or [])
+    if sorted(inputs) != sorted(required):
+        raise OrpolabError(f"metric {metric.name} takes the inputs {required}, got {sorted(inputs)}")
+    return EvalInput(inputs=[{k: inputs[k]} for k in required],
+                     output={metric.required_output: answer})
+
+
+def metric_prompt(metric: Metric, inputs: dict[str, str], answer: str) -> str:
+    """The prompt flow-judge sends the judge for this metric, inputs and answer, built by flow-judge's own code."""
+    from flow_judge.flow_judge import BaseFlowJudge
+
+    return BaseFlowJudge(metric, model=None, output_dir=None)._format_prompt(eval_input(metric, inputs, answer))
+
+
+def template_sha256(metric: Metric) -> str:
+    """sha256 of the metric's prompt with placeholders for its inputs and answer.
+
+    It changes with anything in the text the judge reads other than the graded material: the
+    criteria, the rubric, flow-judge's template (a new flow-judge version), the inputs' names.
+    """
+    placeholders = {k: "{" + k + "}" for k in metric.required_inputs or []}
+    prompt = metric_prompt(metric, placeholders, "{" + metric.required_output + "}")
+    return hashlib.sha256(prompt.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------ the judge file
+
+
+def file_sha256(path: str | Path, cache_file: Path | None = None) -> str:
+    """sha256 of a file, read in chunks, remembered by path, size and modification time.
+
+    Remembered in the process and, with ``cache_file``, in a JSON file across processes: a 2.4 GB
+    judge is hashed once, not once per sweep. A file replaced in place gets a new size or mtime,
+    hence a new hash.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _FILE_HASHES:
+        return _FILE_HASHES[key]
+    known: dict = {}
+    if cache_file is not None and Path(cache_file).is_file():
+        try:
+            known = json.loads(Path(cache_file).read_text())
+        except (OSError, ValueError):
+            known = {}  # a damaged cache only costs a re-hash
+        entry = known.get(str(path))
+        if isinstance(entry, dict) and (entry.get("size"), entry.get("mtime_ns")) == key[1:]:
+            _FILE_HASHES[key] = entry["sha256"]
+            return entry["sha256"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            digest.update(chunk)
+    _FILE_HASHES[key] = digest.hexdigest()
+    if cache_file is not None:
+        known[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _FILE_HASHES[key]}
+        write_json_atomic(Path(cache_file), known)
+    return _FILE_HASHES[key]
+
+
+def judge_identity(path: str | Path, cache_file: Path | None = None) -> dict:
+    """The judge as the report names it: file name and the first 12 hex digits of its sha256."""
+    return {"file": Path(path).name, "sha256": file_sha256(path, cache_file)[:SHORT_HASH]}
+
+
+# ------------------------------------------------------------------ the calibration set
+
+
+@dataclass(frozen=True)
+class Item:
+    """One answer to judge: which set and role (``chosen``/``rejected``, ``right``/``wrong``), prompt index,
+    the metric it is graded with, the metric's inputs and the graded answer."""
+
+    role: str
+    group: int
+    metric: Metric
+    inputs: dict[str, str]
+    answer: str
+
+    @property
+    def key(self) -> str:
+        """What the judge is shown, hashed: the same answer to the same inputs under the same metric
+        is judged once, whichever calibration set it is part of."""
+        blob = json.dumps([self.metric.name, self.inputs, self.answer], ensure_ascii=False, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def metric_inputs(metric: Metric, query: str, reference: str | None) -> dict[str, str]:
+    """The metric's inputs: the query, and the reference for the inputs that take one."""
+    out: dict[str, str] = {}
+    for name in metric.required_inputs or []:
+        if name == "query":
+            out[name] = query
+        elif name in REFERENCE_INPUTS:
+            if reference is None:
+                raise OrpolabError(f"metric {metric.name} needs a reference ({name}) that this set has none of")
+            out[name] = reference
+        else:
+            raise OrpolabError(f"metric {metric.name} needs the input {name!r}, which calibration cannot fill")
+    return out
+
+
+def calibration_set(metric: Metric, pairs: Iterable[dict], checkable: Iterable[dict], checker: Any,
+                    size: int, seed: int = 0) -> list[Item]:
+    """Every answer the judge scores, in judging order (the two answers of a prompt back to back).
+
+    ``pairs``: ``{prompt, chosen, rejected}`` with string answers, graded by :func:`reference_free`
+    (only the query). ``checkable``: ``{prompt, expected}``; per prompt ``checker.examples`` builds a
+    right and a wrong answer (one seeded generator, in prompt order), graded by ``metric`` with
+    ``checker.reference(expected)`` as the reference. Each set is capped at its first ``size`` prompts.
+    Raises when a reference would be the graded answer: the judge never grades an answer against itself.
+    """
+    free = reference_free(metric)
+    items: list[Item] = []
+    for i, pair in enumerate(list(pairs)[:size]):
+        for role in ("chosen", "rejected"):
+            if not isinstance(pair.get(role), str):
+                raise OrpolabError(f"calibration pair {i}: {role} must be the answer's text, got "
+                                   f"{type(pair.get(role)).__name__}")
+            items.append(Item(role, i, free, metric_inputs(free, pair["prompt"], None), pair[role]))
+    rows = [r for r in checkable if r.get("expected") is not None][:size]
+    if rows and checker is None:
+        raise OrpolabError("checkable calibration prompts need a checker (eval_prompts.checker)")
+    rng = random.Random(seed)
+    for i, row in enumerate(rows):
+        right, wrong = checker.examples(row["prompt"], row["expected"], rng)
+        reference = checker.reference(row["expected"])
+        for role, answer in (("right", right), ("wrong", wrong)):
+            if reference == answer:
+                raise OrpolabError(f"the checker's reference for prompt {i} is the graded answer itself "
+                                   f"({answer!r}); a judge must never grade an answer against itself")
+            items.append(Item(role, i, metric, metric_inputs(metric, row["prompt"], reference), answer))
+    return items
+
+
+def set_sha256(items: list[Item]) -> str:
+    """sha256 of the calibration set: every answer's role, prompt index and what the judge is shown."""
+    blob = json.dumps([[it.role, it.group, it.key] for it in items])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------ figures
+
+
+def figures(items: list[Item], scores: dict[str, int | None], n_resamples: int, seed: int) -> dict:
+    """Pairwise preference on the pairs, AUC on the checkable answers, parse failures, and the verdict."""
+    by_role: dict[str, dict[int, int | None]] = {}
+    for it in items:
+        by_role.setdefault(it.role, {})[it.group] = scores[it.key]
+    chosen, rejected = by_role.get("chosen", {}), by_role.get("rejected", {})
+    groups = sorted(chosen)
+    pairwise = pairwise_preference([chosen[g] for g in groups], [rejected[g] for g in groups], n_resamples, seed)
+    labelled = [(s, True) for s in by_role.get("right", {}).values()] + \
+               [(s, False) for s in by_role.get("wrong", {}).values()]
+    if labelled:
+        auc_entry = auc([s for s, _ in labelled], [c for _, c in labelled], n_resamples, seed)
+    else:
+        auc_entry = {"n": 0, "undefined": "no checkable prompts"}
+    failures = {"pairs": sum(scores[it.key] is None for it in items if it.role in ("chosen", "rejected")),
+                "checkable": sum(scores[it.key] is None for it in items if it.role in ("right", "wrong"))}
+    return {"pairwise": pairwise, "auc": auc_entry, "parse_failures": failures,
+            "counts": {"pairs": len(groups), "checkable": len(by_role.get("right", {})), "verdicts": len(items),
+                       "parse_failures": sum(failures.values())},
+            "verdict": verdict(pairwise, auc_entry)}
+
+
+def verdict(pairwise: dict, auc_entry: dict) -> str:
+    """"no better than chance" when the interval's lower bound is at or below 0.5: the pairwise
+    figure when there is one, else the AUC; "unmeasured" when neither has a number."""
+    for entry in (pairwise, auc_entry):
+        if "undefined" not in entry:
+            return BETTER if entry["ci_low"] > 0.5 else NOT_BETTER
+    return UNMEASURED
+
+
+# ------------------------------------------------------------------ calibrating, cached
+
+
+def _short(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_verdicts(path: Path) -> dict[str, int | None]:
+    """Scores by answer key; a line torn by a kill is skipped (that answer is judged again)."""
+    out: dict[str, int | None] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "item" in row:
+            out.setdefault(row["item"], row.get("score"))
+    return out
+
+
+def calibrate(score_fn: ScoreFn, metric: Metric, pairs: Iterable[dict], checkable: Iterable[dict], checker: Any,
+              cache_dir: str | Path, judge_file: str | Path, settings: dict | None = None, size: int = 100,
+              seed: int = 0, n_resamples: int = 1000) -> dict:
+    """Score the calibration set with the judge (what is not cached yet) and return its figures.
+
+    ``score_fn(metric, inputs, answer)`` gives one verdict's score, ``None`` when unparsable
+    (:func:`flow_judge_scorer` wraps flow-judge). ``settings``: everything else that changes a
+    verdict, the grammar and the sampling (max tokens, feedback length, n_ctx, temperature), each
+    JSON-serialisable. ``size`` caps each set (so up to ``4 * size`` verdicts); 0 disables
+    calibration: ``{"enabled": False}``, nothing judged or written.
+
+    Under ``cache_dir``: ``<judge key>/verdicts.jsonl`` (one line per verdict, appended as they
+    come) and ``<judge key>/summary-<set key>.json`` (written atomically), where the judge key
+    hashes the judge file's sha256, the metric's name, the sha256 of the prompt text flow-judge
+    builds for the metric and its reference-free variant, and ``settings``; the set key hashes the
+    calibration set, ``seed`` and ``n_resamples``. ``file-hashes.json`` remembers the judge's sha256.
+    A process working on the same judge key waits for the other to finish (a file lock).
+    """
+    from filelock import FileLock
+    from tqdm.auto import tqdm
+
+    if size < 0:
+        raise OrpolabError(f"the calibration size must be 0 (off) or positive, got {size}")
+    if size == 0:
+        return {"enabled": False}
+    cache_dir = Path(cache_dir)
+    settings = dict(settings or {})
+    items = calibration_set(metric, pairs, checkable, checker, size, seed)
+    free = reference_free(metric)
+    sha = file_sha256(judge_file, cache_dir / "file-hashes.json")
+    templates = {metric.name: template_sha256(metric), free.name: template_sha256(free)}
+    judge_key = _short({"judge_sha256": sha, "metric": metric.name, "templates": templates, "settings": settings})
+    set_hash = set_sha256(items)
+    set_key = _short({"set": set_hash, "seed": seed, "n_resamples": n_resamples})
+    identity = {"key": f"{judge_key}-{set_key}", "judge": {"file": Path(judge_file).name, "sha256": sha[:SHORT_HASH]},
+                "metric": metric.name, "reference_free_metric": free.name,
+                "template_sha256": {k: v[:SHORT_HASH] for k, v in templates.items()}, "settings": settings,
+                "set_sha256": set_hash[:SHORT_HASH], "size": size, "seed": seed, "n_resamples": n_resamples}
+    folder = cache_dir / judge_key
+    folder.mkdir(parents=True, exist_ok=True)
+    summary_file = folder / f"summary-{set_key}.json"
+    with FileLock(str(folder / ".lock")):
+        if summary_file.is_file():
+            try:
+                summary = json.loads(summary_file.read_text())
+            except ValueError:
+                summary = {}
+            if summary.get("key") == identity["key"]:
+                return {**summary, "judged": 0, "cached": True}
+        if not (folder / "judge.json").is_file():
+            write_json_atomic(folder / "judge.json", {k: identity[k] for k in
+                                                      ("judge", "metric", "template_sha256", "settings")})
+        verdicts_file = folder / "verdicts.jsonl"
+        scores = _read_verdicts(verdicts_file)
+        todo, seen = [], set(scores)
+        for it in items:
+            if it.key not in seen:
+                seen.add(it.key)
+                todo.append(it)
+        for it in tqdm(todo, desc=f"calibrating the judge ({metric.name})", unit="verdict", disable=None):
+            score = score_fn(it.metric, dict(it.inputs), it.answer)
+            score = int(score) if score is not None and score >= 0 else None
+            append_jsonl(verdicts_file, {"item": it.key, "role": it.role, "score": score})
+            scores[it.key] = score
+        summary = {"enabled": True, **identity, **figures(items, scores, n_resamples, seed), "judged": len(todo)}
+        write_json_atomic(summary_file, summary)
+    return {**summary, "cached": not todo}
+
+
+# ------------------------------------------------------------------ flow-judge as score_fn
+
+
+class FlowJudgeScorer:
+    """``score_fn`` over flow-judge: one ``FlowJudge`` per metric, ``judge.evaluate(EvalInput(...))`` per answer.
+
+    ``backend_factory(scores)`` builds the flow-judge model backend for a metric's scores (e.g.
+    ``LlamaCppFlowJudge(gguf, scores, ...)``, whose grammar allows exactly those scores). It is
+    called on the first verdict, not before, so a calibration served from the cache never loads
+    the judge; metrics with the same scores (a metric and its reference-free variant) share one
+    backend. An unparsable verdict (flow-judge's -1) or a score off the metric's scale is ``None``.
+    """
+
+    def __init__(self, backend_factory: Callable[[list[int]], BaseFlowJudgeModel]):
+        self.backend_factory = backend_factory
+        self.backends: dict[tuple[int, ...], BaseFlowJudgeModel] = {}
+        self.judges: dict[str, Any] = {}
+
+    def __call__(self, metric: Metric, inputs: dict[str, str], answer: str) -> int | None:
+        from flow_judge import FlowJudge
+
+        scale = tuple(sorted(r.score for r in metric.rubric))
+        judge = self.judges.get(metric.name)
+        if judge is None:
+            if scale not in self.backends:
+                self.backends[scale] = self.backend_factory(list(scale))
+            judge = self.judges[metric.name] = FlowJudge(metric=metric, model=self.backends[scale], output_dir=None)
+        score = judge.evaluate(eval_input(metric, inputs, answer)).score
+        return score if score in scale else None
+
+    def close(self) -> None:
+        """Close the backends that were opened (a llama.cpp model holds GBs of memory)."""
+        for backend in self.backends.values():
+            close = getattr(backend, "close", None)
+            if close is not None:
+                close()
+        self.backends.clear()
+        self.judges.clear()
+
+    def __enter__(self) -> FlowJudgeScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def flow_judge_scorer(backend_factory: Callable[[list[int]], BaseFlowJudgeModel]) -> FlowJudgeScorer:
+    """A ``score_fn`` for :func:`calibrate` that judges with flow-judge (see :class:`FlowJudgeScorer`)."""
+    return FlowJudgeScorer(backend_factory)
+
