@@ -82,7 +82,7 @@ def test_stages_alone_resume_and_report(own_sweep, tmp_path):
 
     assert evaluate_cli(sweep, "--stage", "judge").returncode == 0
     verdicts = read_jsonl(out / "verdicts-RESPONSE_CORRECTNESS_5POINT.jsonl")
-    assert len(verdicts) == 12 and all(1 <= v["score"] <= 5 for v in verdicts)
+    assert len(verdicts) == 18 and all(1 <= v["score"] <= 5 for v in verdicts)  # base, winner, winner@F16
     assert "STAND-IN" in verdicts[0]["judge"]
 
     assert evaluate_cli(sweep, "--stage", "score").returncode == 0

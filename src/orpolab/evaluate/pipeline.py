@@ -176,19 +176,20 @@ class Evaluation:
     def judge_identity(self, metric_name: str) -> dict:
         """What makes two judges' verdicts comparable: the file (name, sha256), its quantization, the
         grammar, the sampling and the prompt template. Recorded in results, report and MLflow."""
-        from orpolab.evaluate.calibration import judge_identity, prompt_template_hash
+        from orpolab.evaluate.calibration import judge_identity, template_sha256
         from orpolab.evaluate.judge import metric_by_name, verdict_grammar
 
         j = self.cfg.judge
         metric = metric_by_name(metric_name)
         grammar = verdict_grammar([r.score for r in metric.rubric], j.max_feedback_chars)
-        return {**judge_identity(self.judge_file()), "quant": quant_of(self.judge_file().name),
+        hashes = Path(str(j.calibration_cache)) / "file-hashes.json"  # a 2.4 GB judge is hashed once
+        return {**judge_identity(self.judge_file(), hashes), "quant": quant_of(self.judge_file().name),
                 "stand_in": bool(j.stand_in), "family": j.family, "metric": metric_name,
                 "grammar_sha256": hashlib.sha256(grammar.encode()).hexdigest()[:12],
                 "grammar": f"flow-judge's <feedback>...</feedback><score>N</score>, feedback at most "
                            f"{j.max_feedback_chars} characters",
                 "sampling": {"temperature": 0.0, "max_tokens": int(j.max_tokens), "n_ctx": int(j.n_ctx)},
-                "prompt_template_sha256": prompt_template_hash(metric)}
+                "prompt_template_sha256": template_sha256(metric)[:12]}
 
     def splits(self, prompts: list[dict]) -> dict:
         """Which data each figure comes from, with sizes, and whether the evaluation prompts leak.
@@ -239,12 +240,12 @@ class Evaluation:
             skipped = f", {len(rows) - len(answered)} skipped (too long)" if len(rows) > len(answered) else ""
             print(f"    {model}: {len(answered)} answers, {ended:.0%} ended by themselves{skipped}", flush=True)
 
-    def _backend(self, metric):
+    def _backend(self, scores: list[int]):
         from orpolab.evaluate.judge import LlamaCppFlowJudge
 
         j = self.cfg.judge
-        return LlamaCppFlowJudge(self.judge_file(), [r.score for r in metric.rubric], j.max_tokens,
-                                 j.max_feedback_chars, j.n_ctx, name=self.judge_name())
+        return LlamaCppFlowJudge(self.judge_file(), scores, j.max_tokens, j.max_feedback_chars, j.n_ctx,
+                                 name=self.judge_name())
 
     def calibrate(self) -> dict:
         """The judge scores answers whose quality is known, before it scores the models (cached per judge)."""
@@ -259,19 +260,16 @@ class Evaluation:
             print("    calibration off (evaluation.judge.calibration_size=0): the judge is unmeasured", flush=True)
             return out
         pairs, checkable = self.calibration_sets()
-        cache = Path(str(j.calibration_cache))
-        for name in j.metrics:
-            metric = metric_by_name(name)
-            identity = self.judge_identity(name)
-            scorer = flow_judge_scorer(lambda m=metric: self._backend(m), self.out / "flow_judge")
-            try:
-                result = calibrate(scorer, metric, pairs, checkable, self.checker, cache, key_parts=identity,
+        with flow_judge_scorer(self._backend) as scorer:
+            for name in j.metrics:
+                ident = self.judge_identity(name)
+                settings = {k: ident[k] for k in ("grammar_sha256", "sampling")}
+                result = calibrate(scorer, metric_by_name(name), pairs, checkable, self.checker,
+                                   Path(str(j.calibration_cache)), self.judge_file(), settings=settings,
                                    size=int(j.calibration_size), seed=int(self.cfg.bootstrap.seed),
                                    n_resamples=int(self.cfg.bootstrap.n_resamples))
-            finally:
-                scorer.close()
-            out["metrics"][name] = result
-            print(f"    {name}: {calibration_line(result)}", flush=True)
+                out["metrics"][name] = result
+                print(f"    {name}: {calibration_line(result)}", flush=True)
         out["enabled"] = True
         write_json_atomic(self.out / "calibration.json", out)
         return out
@@ -294,7 +292,7 @@ class Evaluation:
                     if (m, pid) not in done and pid in answers[m] and "answer" in answers[m][pid]]
             if not todo:
                 continue
-            backend = self._backend(metric)
+            backend = self._backend([r.score for r in metric.rubric])
             judge = FlowJudge(metric=metric, model=backend, output_dir=str(self.out / "flow_judge"))
             try:
                 from tqdm.auto import tqdm

@@ -172,10 +172,10 @@ def judge_trust(results: dict) -> tuple[str, bool]:
         if c.get("auc"):
             parts.append(f"AUC against checked correctness {figure_text(c['auc'])} on {c['auc'].get('n', 0)} "
                          "answers built right and wrong")
-        bad = c.get("verdict") == "no better than chance"
+        bad = c.get("verdict") in ("no better than chance", "unmeasured")
         uninformative |= bad
         sentences.append(f"{name}: " + "; ".join(parts) + (
-            " — **no better than chance: its scores below are uninformative.**" if bad else "."))
+            f" — **{c.get('verdict')}: its scores below are uninformative.**" if bad else "."))
     return "Judge calibration (95% intervals): " + " ".join(sentences), uninformative
 
 
@@ -319,14 +319,12 @@ def length_section(results: dict, models: tuple[str, ...], trained: tuple[str, .
         for m in trained:
             reg = (entry.get("length") or {}).get(m) or {}
             if "slope" not in reg:
-                md.append(f"- {name}, {m}: not computed ({reg.get('reason', 'no scored pairs')}).")
+                md.append(f"- {name}, {m}: not computed ({reg.get('undefined', 'no scored pairs')}).")
                 continue
-            lo, hi = reg["length_diff_range"]
-            c_lo, c_hi = reg["length_diff_central_90"]
-            md.append(f"- {name}, {m}: intercept {reg['intercept']:+.3f} [{reg['intercept_ci_low']:+.3f}, "
-                      f"{reg['intercept_ci_high']:+.3f}], slope {reg['slope']:+.4f} per token "
-                      f"[{reg['slope_ci_low']:+.4f}, {reg['slope_ci_high']:+.4f}]; n = {reg['n']}, length differences "
-                      f"from {lo:+.0f} to {hi:+.0f} tokens (central 90%: {c_lo:+.0f} to {c_hi:+.0f}).")
+            md.append(f"- {name}, {m}: intercept {figure_text(reg, 'intercept')}, slope "
+                      f"{figure_text(reg, 'slope', 4)} per token; n = {reg['n']}, length differences from "
+                      f"{reg['length_diff_min']:+.0f} to {reg['length_diff_max']:+.0f} tokens (central 90%: "
+                      f"{reg['length_diff_p5']:+.0f} to {reg['length_diff_p95']:+.0f}).")
             if reg.get("zero_outside_central_90"):
                 md.append("  **Warning**: equal length lies outside the central 90% of the length differences, so the "
                           "intercept extrapolates; do not read it as the difference at equal length.")
@@ -369,7 +367,8 @@ def write_report(r: ReportInputs, report_dir: Path) -> Path:
           f"Sweep folder `{r.sweep}`; MLflow parent run `{r.parent_run_id}`.", "",
           *[f"{w}\n" for w in warnings(results)],
           "```", *headline(results, r.export), "```",
-          "", f"Answers: {results['quant']} GGUFs of {', '.join(models)} on the CPU, generation settings "
+          "", f"Answers: {results['quant']} GGUFs of {', '.join(m for m in models if '@' not in m)}"
+          + "".join(f", {m} at {m.partition('@')[2]}" for m in models if "@" in m) + " on the CPU, generation settings "
           f"`{json.dumps(results['generation'])}`; {results['prompts']} prompts.", "",
           *data_section(results),
           "## Sweep", "", f"Selection metric: `{rows[0]['metric'] if rows else ''}` on the validation split (exported "
