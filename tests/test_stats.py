@@ -13,7 +13,6 @@ from orpolab.evaluate.stats import (
     auc,
     bootstrap_mean_ci,
     figure_text,
-    judge_agreement,
     length_regression,
     paired_comparison,
     pairwise_preference,
@@ -43,16 +42,6 @@ def test_paired_comparison_hand_computed():
     assert out["mean_diff"] == pytest.approx((2 + 0 - 1 + 0) / 4)
     assert out["mean_winner"] == pytest.approx(3.5) and out["mean_base"] == pytest.approx(3.25)
     assert -1 <= out["ci_low"] <= out["mean_diff"] <= out["ci_high"] <= 2
-
-
-def test_judge_agreement_with_checked_answers():
-    scores = [5, 4, 1, 2, None, 5]
-    correct = [True, False, False, True, True, True]
-    out = judge_agreement(scores, correct, threshold=4)
-    # judged good: T T F F _ T vs correct T F F T _ T -> agree on 1st, 3rd, 6th of 5 judged
-    assert out["n"] == 5 and out["agreement"] == pytest.approx(3 / 5)
-    assert out["mean_score_correct"] == pytest.approx((5 + 2 + 5) / 3)
-    assert out["mean_score_incorrect"] == pytest.approx((4 + 1) / 2)
 
 
 def test_repeated_ngrams():

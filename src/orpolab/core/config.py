@@ -257,7 +257,6 @@ class JudgeConfig:
     max_tokens: int = 400
     max_feedback_chars: int = 600
     n_ctx: int = 4096
-    good_threshold: int = 4
     # The judge's lineage (Flow-Judge-v0.1 is a Phi-3.5-mini fine-tune): self-preference warning.
     family: str | None = "phi3"
     # Pairs with known answers the judge scores before the models (cached per judge, metric, prompt

@@ -1,4 +1,4 @@
-"""Score aggregation for the evaluation: paired bootstrap intervals, win/tie/loss, agreement,
+"""Score aggregation for the evaluation: paired bootstrap intervals, win/tie/loss,
 the judge's calibration figures (pairwise preference, AUC) and a length-sensitivity regression.
 
 Pure functions on plain lists so they can be checked against hand-computed cases.
@@ -42,21 +42,6 @@ def paired_comparison(winner: list[float], base: list[float], n_resamples: int =
         out.update({"mean_winner": mean(w for w, _ in pairs), "mean_base": mean(b for _, b in pairs),
                     "mean_diff": mean(diffs), "ci_low": lo, "ci_high": hi})
     return out
-
-
-def judge_agreement(scores: list[int | None], correct: list[bool], threshold: float) -> dict:
-    """How often the judge's verdict (score >= threshold means "good") matches the checked answer."""
-    pairs = [(s >= threshold, c) for s, c in zip(scores, correct, strict=True) if s is not None]
-    if not pairs:
-        return {"n": 0}
-    right = [s for s, c in zip(scores, correct, strict=True) if s is not None and c]
-    wrong = [s for s, c in zip(scores, correct, strict=True) if s is not None and not c]
-    return {
-        "n": len(pairs),
-        "agreement": mean(float(j == c) for j, c in pairs),
-        "mean_score_correct": mean(right) if right else None,
-        "mean_score_incorrect": mean(wrong) if wrong else None,
-    }
 
 
 # ------------------------------------------------------------------ judge calibration and length figures
