@@ -263,6 +263,8 @@ class JudgeConfig:
     # template and set); 0: no calibration, and the report says the judge is unmeasured.
     calibration_size: int = 100
     calibration_cache: str = ".cache/judge-calibration"
+    # Judge only the first N evaluation prompts (null: all); the checked figures use every prompt.
+    max_prompts: int | None = None
 
 
 @dataclass

@@ -137,6 +137,15 @@ class Evaluation:
     def prompts(self) -> list[dict]:
         return load_prompts(self.prompts_cfg, self.job_cfg, self.checker)
 
+    def judged(self, prompts: list[dict]) -> list[dict]:
+        """The prompts the judge scores: the first ``evaluation.judge.max_prompts`` (all when null).
+
+        Judging is the slow part on a CPU (a verdict reads several hundred prompt tokens); the checked
+        figures still use every prompt.
+        """
+        limit = self.cfg.judge.get("max_prompts")
+        return prompts[:limit] if limit else prompts
+
     def answers(self) -> dict[str, dict[int, dict]]:
         """Every model's saved answers by prompt id (empty for a model whose answers are not generated yet)."""
         return {m: {a["id"]: a for a in read_jsonl(self.out / f"answers-{m}.jsonl")} for m in self.models}
@@ -279,7 +288,7 @@ class Evaluation:
 
         from orpolab.evaluate.judge import metric_by_name
 
-        prompts = {p["id"]: p for p in self.prompts()}
+        prompts = {p["id"]: p for p in self.judged(self.prompts())}
         answers = self.answers()
         if not all(answers.values()):
             raise OrpolabError("no answers to judge yet; run the generate stage first")
@@ -364,11 +373,13 @@ class Evaluation:
             # Each trained model against the base, on the same prompts.
             results["checks_paired"] = {fig: {m: paired_comparison(figure(m, fig), figure("base", fig), n, seed)
                                               for m in self.trained} for fig in figures}
-        tokens = {m: [answers[m].get(p["id"], {}).get("completion_tokens") for p in prompts] for m in self.models}
+        judged = self.judged(prompts)
+        results["judged_prompts"] = len(judged)
+        tokens = {m: [answers[m].get(p["id"], {}).get("completion_tokens") for p in judged] for m in self.models}
         for metric_name in self.cfg.judge.metrics:
             verdicts = read_jsonl(self.out / f"verdicts-{metric_name}.jsonl")
             score = {(v["model"], v["id"]): (v["score"] if v["score"] >= 0 else None) for v in verdicts}
-            per = {m: [score.get((m, p["id"])) for p in prompts] for m in self.models}
+            per = {m: [score.get((m, p["id"])) for p in judged] for m in self.models}
             entry = {"parse_failures": sum(v["score"] < 0 for v in verdicts), "verdicts": len(verdicts),
                      "paired": {m: paired_comparison(per[m], per["base"], n, seed) for m in self.trained},
                      "length": {m: length_sensitivity(per[m], per["base"], tokens[m], tokens["base"], n, seed)
@@ -380,7 +391,7 @@ class Evaluation:
                     entry[m] = {"mean": sum(vals) / len(vals), "ci_low": lo, "ci_high": hi, "n": len(vals)}
             results["metrics"][metric_name] = entry
         if len(self.quant_labels) > 1:
-            results["quant_costs"] = quant_costs(self.quant_labels, checked, figures, results["metrics"], prompts,
+            results["quant_costs"] = quant_costs(self.quant_labels, checked, figures, results["metrics"], judged,
                                                  self.cfg.judge.metrics, self.out, n, seed)
         write_json_atomic(self.out / "results.json", results)
         self._log_results(results)

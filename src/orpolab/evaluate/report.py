@@ -261,6 +261,9 @@ def headline(results: dict, export: dict) -> list[str]:
             note = ("  (stand-in judge)" if results.get("stand_in") else "") + (
                 "  (judge no better than chance: uninformative)" if uninformative else "")
             label = name.removeprefix("RESPONSE_").lower().replace("_", ", ")
+            judged = results.get("judged_prompts", results["prompts"])
+            if judged < results["prompts"]:
+                label += f"; first {judged} prompts"
             lines.append(f"  judge ({label})  base {_interval(entry.get('base'))}  "
                          f"{m} {_interval(entry.get(m))}  paired difference {_diff(p)}, "
                          f"wins/ties/losses {p.get('wins', 0)}/{p.get('ties', 0)}/{p.get('losses', 0)}{note}")
@@ -369,7 +372,8 @@ def write_report(r: ReportInputs, report_dir: Path) -> Path:
           "```", *headline(results, r.export), "```",
           "", f"Answers: {results['quant']} GGUFs of {', '.join(m for m in models if '@' not in m)}"
           + "".join(f", {m} at {m.partition('@')[2]}" for m in models if "@" in m) + " on the CPU, generation settings "
-          f"`{json.dumps(results['generation'])}`; {results['prompts']} prompts.", "",
+          f"`{json.dumps(results['generation'])}`; {results['prompts']} prompts, the judge scored the first "
+          f"{results.get('judged_prompts', results['prompts'])}.", "",
           *data_section(results),
           "## Sweep", "", f"Selection metric: `{rows[0]['metric'] if rows else ''}` on the validation split (exported "
           "jobs are marked" + ("; one per method" if len(r.exported) > 1 else "") + ").", "",
