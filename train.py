@@ -19,6 +19,7 @@ from orpolab.core import console  # noqa: E402
 console.quiet_libraries()  # before the libraries are imported: their notices go to the log files
 
 from orpolab.core.config import register_schemas  # noqa: E402
+from orpolab.sweep import callbacks as sweep_callbacks  # noqa: E402
 from orpolab.sweep import sweep_id  # noqa: E402
 from orpolab.train.job import main as run_job  # noqa: E402
 
@@ -33,3 +34,7 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     main()
+    # A sweep (-m) returns here also when a job or a post-sweep stage failed: a job's error is caught so
+    # the other jobs run, and Hydra turns errors in callbacks into warnings. The sweep callback recorded
+    # what failed; the exit status says it. (A single run has already exited with 1 on an error.)
+    sys.exit(sweep_callbacks.exit_status())

@@ -108,7 +108,7 @@ def sweep(warm_llama, tmp_path_factory):
                      env_extra={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout, "stderr": proc.stderr,
-            "report": tmp / "report" / "sweep" / "report.md"}
+            "returncode": proc.returncode, "report": tmp / "report" / "sweep" / "report.md"}
 
 
 @pytest.fixture(scope="session")

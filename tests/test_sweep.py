@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -11,6 +12,9 @@ from .conftest import RANDOM_TINY, ROOT, run_train
 
 QUICK = ["experiment=demo", RANDOM_TINY, "trainer.max_steps=6", "trainer.val_check_interval=3", "export.enabled=false",
          "trainer.enable_progress_bar=false"]
+
+# For tests about how a sweep ends, not what it learns: a few held-out pairs, no evaluation at step 0.
+SMALL_EVAL = ["data.max_eval_rows=10", "eval_before_training=false"]
 
 
 def sweep_dir_from(stdout: str) -> Path:
@@ -44,18 +48,27 @@ def test_two_by_two_sweep_gives_four_runs_under_one_parent(tiny_models, tracking
     assert all((tmp_path / "sweep" / str(i) / "checkpoints" / "last.ckpt").is_file() for i in range(4))
 
 
-def test_a_failing_job_does_not_stop_the_sweep(tiny_models, tracking_uri, tmp_path):
+def test_a_failing_job_does_not_stop_the_sweep_but_fails_its_exit_status(tiny_models, tracking_uri, tmp_path):
     # A data file that is missing when the job reads it (the settings themselves are checked before the
     # sweep starts, and a bad one stops it: tests/test_config.py).
     good = ROOT / "data" / "sample" / "train.jsonl"
-    proc = run_train(["-m", *QUICK, f"data.path={good},/nonexistent/train.jsonl,{good}",
-                      f"hydra.sweep.dir={tmp_path / 'sweep'}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 job(s) finished, 1 failed" in proc.stdout
+    args = ["-m", *QUICK, *SMALL_EVAL, f"data.path=/nonexistent/train.jsonl,{good}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = run_train(args)
+    # The job after the failed one ran, and the summary lists both ...
+    assert "1 job(s) finished, 1 failed" in proc.stdout
     assert "data path /nonexistent/train.jsonl does not exist" in proc.stdout
+    # ... but the command says the sweep did not succeed: which job, and the command that re-runs it.
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    closing = proc.stderr.strip().splitlines()[-1]
+    message, command = closing.split(" with: ")
+    assert message == ("error: 1 of 2 jobs did not finish: job 0 (data.path=/nonexistent/train.jsonl); "
+                       "re-run it (finished jobs are skipped)")
+    assert shlex.split(command) == ["python", str(ROOT / "train.py"), *args]  # the same command resumes the sweep
+    assert "Traceback" not in proc.stderr + proc.stdout
     children = [r for r in MlflowClient(tracking_uri).search_runs(["1"]) if r.data.tags.get("orpolab.role") == "job"]
     status = {r.data.tags["orpolab.job_num"]: r.info.status for r in children}
-    assert status == {"0": "FINISHED", "1": "FAILED", "2": "FINISHED"}
+    assert status == {"0": "FAILED", "1": "FINISHED"}
     failed = next(r for r in children if r.info.status == "FAILED")
     assert "does not exist" in failed.data.tags["orpolab.error"]
     artifacts = [a.path for a in MlflowClient(tracking_uri).list_artifacts(failed.info.run_id)]
@@ -77,3 +90,28 @@ def test_wrong_override_key_stops_before_any_job(tiny_models, tracking_uri, tmp_
     assert proc.returncode != 0
     assert "Could not override 'orpo.betta'" in proc.stderr
     assert not (tmp_path / "sweep" / "0").exists()
+
+
+def test_a_failing_export_fails_the_sweeps_exit_status(tiny_models, tracking_uri, tmp_path):
+    # One job that trains fine, and a verification threshold no GGUF can meet (a perplexity at most half
+    # the PyTorch model's): the export converts, verifies, fails, and the evaluation does not start.
+    sweep = tmp_path / "sweep"
+    proc = run_train(["-m", *[o for o in QUICK if not o.startswith("export.")], *SMALL_EVAL, "trainer.max_steps=2",
+                      "trainer.val_check_interval=2", "export.quant_types=[]", "export.include_base=false",
+                      "export.verify.num_texts=2", "export.verify.max_ppl_ratio.F16=0.5", "evaluation.enabled=false",
+                      f"hydra.sweep.dir={sweep}"])
+    assert "1 job(s) finished, 0 failed" in proc.stdout
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "error: the exported GGUF does not match the trained model" in proc.stderr  # the export's own line
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"error: Export failed (exit 1); rerun it with: python -m orpolab.export {sweep.resolve()}"
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not json.loads((sweep / "export" / "export.json").read_text())["passed"]
+    assert (sweep / "export" / "gguf" / "winner-f16.failed-verification.gguf").is_file()
+
+
+def test_a_sweep_whose_jobs_export_and_evaluation_all_succeed_exits_0(sweep):
+    assert sweep["returncode"] == 0
+    assert "Sweep finished: 2 job(s) finished, 0 failed." in sweep["stdout"]
+    assert "Exporting the winner" in sweep["stdout"] and "Evaluating winner vs base" in sweep["stdout"]
+    assert "error:" not in sweep["stderr"] and "note:" not in sweep["stderr"]

@@ -144,3 +144,32 @@ def test_supervised_warm_up_learns_the_task_and_saves_a_loadable_model(tiny_mode
         after = AutoModelForCausalLM.from_pretrained(out)(**batch).loss.item()
     assert after < 0.6 * before, (before, after)
     assert (out / "tokenizer.model").is_file() and tok.chat_template
+
+
+def test_best_val_metrics_describe_the_best_checkpoint_also_after_resuming(tiny_models, tracking_uri, tmp_path):
+    # selection.mode=max on a metric that training lowers: the best checkpoint is the first one, not the last.
+    common = FAST + ["selection.mode=max", "trainer.val_check_interval=2", "data.max_eval_rows=10",
+                     "eval_before_training=false"]
+    run(compose(common + ["trainer.max_steps=4"], tmp_path / "job"))
+    r = only_run(tracking_uri)
+    bpb = dict(history(tracking_uri, r.info.run_id, "val/chosen_bpb"))
+    assert len(bpb) == 2 and bpb[1] > bpb[3], bpb  # evaluations after steps 2 and 4, logged at steps 1 and 3
+    best = {k: v for k, v in r.data.metrics.items() if k.startswith("best/val/")}
+    assert {"best/val/chosen_bpb", "best/val/pref_accuracy", "best/val/loss", "best/val/nll_loss"} <= set(best)
+    # Every best/val/* is the value of the evaluation after step 2 (the best checkpoint's), logged with it ...
+    assert r.data.metrics["best/step"] == 2
+    assert json.loads((tmp_path / "job" / "result.json").read_text())["best_checkpoint"].endswith("best-step2.ckpt")
+    for key, value in best.items():
+        values = dict(history(tracking_uri, r.info.run_id, key.removeprefix("best/")))
+        assert value == pytest.approx(values[1], rel=1e-6), key
+        assert [s for s, _ in history(tracking_uri, r.info.run_id, key)][0] == 1, key
+    # ... and differs from the last evaluation's, where the two differ at all.
+    assert best["best/val/chosen_bpb"] != pytest.approx(r.data.metrics["val/chosen_bpb"])
+    assert best["best/val/loss"] != pytest.approx(r.data.metrics["val/loss"])
+
+    # Resumed, the job still knows its best: the evaluation after step 6 (lower again) is no new best.
+    run(compose(common + ["trainer.max_steps=6", "resume_from=last"], tmp_path / "job"))
+    second = next(x for x in MlflowClient(tracking_uri).search_runs(["1"]) if x.info.run_id != r.info.run_id)
+    assert dict(history(tracking_uri, second.info.run_id, "val/chosen_bpb"))[5] < bpb[1]
+    assert history(tracking_uri, second.info.run_id, "best/step") == []
+    assert second.data.metrics["best/val/chosen_bpb"] == pytest.approx(bpb[1], rel=1e-6)  # job.py's, at the end

@@ -1,12 +1,20 @@
-"""Hydra callback that gives each multirun one MLflow parent run and a closing summary."""
+"""Hydra callback that gives each multirun one MLflow parent run, a closing summary and its outcome.
+
+Hydra's basic launcher runs the jobs in this process and turns an exception raised in a callback
+into a warning, so a failed job or post-sweep stage would still end ``python train.py -m`` with
+exit status 0. The callback therefore records what failed (:class:`SweepOutcome`), prints it with
+the commands that re-run it, and ``train.py`` exits with :func:`exit_status` once Hydra returns.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +35,40 @@ STAGE_TIMEOUT_ENV, STAGE_TIMEOUT_S = "ORPOLAB_STAGE_TIMEOUT_S", 12 * 3600
 
 def sweep_dir_of(config: DictConfig) -> str:
     return str(Path(config.hydra.sweep.dir).resolve())
+
+
+@dataclass
+class SweepOutcome:
+    """What failed in this process's multirun: one line per failed job group or stage, each saying how
+    to re-run it, and notes on what the exit status cannot cover (stages left running on a cluster).
+    """
+
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def report(self) -> None:
+        """The closing lines, on stderr after everything else (the report's path stays stdout's last line)."""
+        for note in self.notes:
+            print(f"note: {note}", file=sys.stderr, flush=True)
+        for failure in self.failures:
+            print(f"error: {failure}", file=sys.stderr, flush=True)
+
+
+# Set by the sweep callback when a multirun ends, read by train.py for its exit status.
+_outcome: SweepOutcome | None = None
+
+
+def exit_status() -> int:
+    """1 if the multirun that ended in this process had a failed job or post-sweep stage, else 0.
+
+    0 also when no multirun ran here (a single run exits by itself; ``--cfg`` or ``--help`` ran nothing).
+    """
+    return 1 if _outcome is not None and _outcome.failures else 0
+
+
+def rerun_command() -> str:
+    """The command that started this sweep: run again, it resumes the same sweep (finished jobs are skipped)."""
+    return shlex.join(["python", *sys.argv])
 
 
 class SweepCallback(Callback):
@@ -56,15 +98,29 @@ class SweepCallback(Callback):
 
     @console.exit_on_error
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global _outcome
+        _outcome = outcome = SweepOutcome()
+        try:
+            self.finish_sweep(config, outcome)
+        finally:
+            outcome.report()
+
+    def finish_sweep(self, config: DictConfig, outcome: SweepOutcome) -> None:
+        """Summary, then export and evaluation; every failure goes into ``outcome``."""
         uri, name = config.logger.mlflow.tracking_uri, config.logger.mlflow.experiment_name
         sweep_dir = sweep_dir_of(config)
         summary = summarize_sweep(uri, name, sweep_dir)
         if summary is None:
+            outcome.failures.append(f"no job of the sweep {sweep_dir} left a run in MLflow ({uri}); "
+                                    f"run it again with: {rerun_command()}")
             return
         parent = tracking.JobRun(uri, summary["parent_run_id"])
         parent.log_metrics({"sweep/jobs_finished": summary["finished"], "sweep/jobs_failed": summary["failed"]})
         parent.finish()
         print(format_summary(summary, uri, sweep_dir), flush=True)
+        unfinished = [j for j in summary["jobs"] if j["status"] != "FINISHED"]
+        if unfinished:
+            outcome.failures.append(jobs_failure(unfinished, summary["jobs"]))
         if not (config.get("export") and config.export.enabled):
             return
         if not summary["finished"]:
@@ -80,27 +136,56 @@ class SweepCallback(Callback):
                            f"it resumes where it stopped with: python -m orpolab.evaluate {sweep_dir}"))
         launcher = str(config.hydra.launcher.get("_target_", ""))
         if "submitit" in launcher:
-            submit_post_stages(config, stages, sweep_dir)
+            submit_post_stages(config, stages, sweep_dir, outcome)
         elif "RayLauncher" in launcher:
-            ray_post_stages(config, stages)
+            ray_post_stages(config, stages, outcome)
         else:
-            run_post_stages(stages)
+            failure = run_post_stages(stages)
+            if failure:
+                outcome.failures.append(failure)
 
 
-def run_post_stages(stages: list[tuple]) -> bool:
-    """Export, then evaluation (only if the export worked), each in its own process."""
+def jobs_failure(unfinished: list[dict], jobs: list[dict]) -> str:
+    """One line for the jobs that did not finish (FAILED, or still RUNNING after a crash) and how to re-run them.
+
+    Each job is named by the values the sweep varies, not by every override it shares with the others.
+    """
+    overrides = [console.brief_overrides(j["overrides"]).split() for j in jobs]
+    shared = set.intersection(*map(set, overrides)) if len(jobs) > 1 else set()
+
+    def name(job: dict) -> str:
+        own = [o for o in console.brief_overrides(job["overrides"]).split() if o not in shared]
+        return f"{job['job']} ({' '.join(own)})" if own else str(job["job"])
+
+    names = ", ".join(name(j) for j in unfinished[:3])
+    more = f" and {len(unfinished) - 3} more" if len(unfinished) > 3 else ""
+    one = len(unfinished) == 1
+    return (f"{len(unfinished)} of {len(jobs)} jobs did not finish: {'job' if one else 'jobs'} {names}{more}; "
+            f"re-run {'it' if one else 'them'} (finished jobs are skipped) with: {rerun_command()}")
+
+
+def run_post_stages(stages: list[tuple], print_failure: bool = False) -> str | None:
+    """Export, then evaluation (only if the export worked), each in its own process.
+
+    Returns None when all ran, else the failed stage's line with the command that re-runs it.
+    ``print_failure``: also print that line here, for a cluster job whose log nobody waits on.
+    """
     for stage in stages:
-        if not run_stage(*stage):
-            return False
-    return True
+        failure = run_stage(*stage)
+        if failure:
+            if print_failure:
+                print(failure, flush=True)
+            return failure
+    return None
 
 
-def submit_post_stages(config: DictConfig, stages: list[tuple], sweep_dir: str) -> None:
+def submit_post_stages(config: DictConfig, stages: list[tuple], sweep_dir: str, outcome: SweepOutcome) -> None:
     """On a submitit launcher the heavy stages (merge, GGUF, judge) are a job of their own.
 
     Not the login node that submitted the sweep: the job gets the sweep's own resources (same
-    partition, GPUs, memory, time limit). A local submitit sweep waits for it; a Slurm one
-    prints the job id and returns.
+    partition, GPUs, memory, time limit). A local submitit sweep waits for it, and its outcome
+    counts for the exit status; a Slurm one prints the job id and returns, so the exit status
+    covers the training jobs only, which the closing note says.
     """
     import submitit
 
@@ -115,16 +200,24 @@ def submit_post_stages(config: DictConfig, stages: list[tuple], sweep_dir: str) 
                                                            "additional_parameters", "setup")
                        if launcher.get(k)})
     executor.update_parameters(name="orpolab-post-sweep", tasks_per_node=1, nodes=1, **params)
-    job = executor.submit(run_post_stages, stages)
+    job = executor.submit(run_post_stages, stages, True)
     print(f"\nPost-sweep stages (export, evaluation) submitted as {cluster} job {job.job_id}; "
           f"logs in {folder}", flush=True)
     if cluster == "local":
-        ok = job.result()
-        print(f"Post-sweep job {job.job_id} {'finished' if ok else 'failed; see its logs'}.", flush=True)
+        failure = job.result()
+        print(f"Post-sweep job {job.job_id} {'failed; see its logs' if failure else 'finished'}.", flush=True)
+        if failure:
+            outcome.failures.append(f"{failure} (post-sweep job {job.job_id}, logs in {folder})")
+    else:
+        outcome.notes.append(f"the exit status covers the training jobs only: export and evaluation run as Slurm "
+                             f"job {job.job_id} after this command ends (its logs: {folder})")
 
 
-def ray_post_stages(config: DictConfig, stages: list[tuple]) -> None:
-    """On a Ray cluster the heavy stages run as one Ray task with the jobs' resources (untested here)."""
+def ray_post_stages(config: DictConfig, stages: list[tuple], outcome: SweepOutcome) -> None:
+    """On a Ray cluster the heavy stages run as one Ray task with the jobs' resources (untested here).
+
+    This process waits for the task, so its outcome counts for the exit status.
+    """
     import ray
 
     ray_cfg = config.hydra.launcher.ray
@@ -132,8 +225,10 @@ def ray_post_stages(config: DictConfig, stages: list[tuple]) -> None:
         ray.init(**OmegaConf.to_container(ray_cfg.init, resolve=True))
     remote = ray.remote(run_post_stages).options(**OmegaConf.to_container(ray_cfg.remote, resolve=True))
     print("\nPost-sweep stages (export, evaluation) submitted as a Ray task ...", flush=True)
-    ok = ray.get(remote.remote(stages))
-    print(f"Post-sweep task {'finished' if ok else 'failed'}.", flush=True)
+    failure = ray.get(remote.remote(stages))
+    print(f"Post-sweep task {'failed' if failure else 'finished'}.", flush=True)
+    if failure:
+        outcome.failures.append(f"{failure} (Ray task)")
 
 
 def pin_sweep_dir(config: DictConfig) -> str:
@@ -151,22 +246,22 @@ def pin_sweep_dir(config: DictConfig) -> str:
     return folder
 
 
-def run_stage(name: str, title: str, module: str, args: list[str], retry_hint: str) -> bool:
+def run_stage(name: str, title: str, module: str, args: list[str], retry_hint: str) -> str | None:
     """A post-sweep stage in its own process: the jobs' memory is freed and a crash stays contained.
 
     It stops after ``ORPOLAB_STAGE_TIMEOUT_S`` seconds (12 hours unless set), so a hung stage does not
-    hold a cluster allocation forever; either way the line says which stage and how to rerun it.
+    hold a cluster allocation forever. Returns None when it succeeded, else the line that says which
+    stage failed and how to rerun it (the stage's own error line is already on the console).
     """
     timeout = float(os.environ.get(STAGE_TIMEOUT_ENV) or STAGE_TIMEOUT_S)
     print(f"\n{title} ...", flush=True)
     try:
         proc = subprocess.run([sys.executable, "-m", module, *args], timeout=timeout)
     except subprocess.TimeoutExpired:
-        print(f"{name} timed out after {timeout:g} s ({STAGE_TIMEOUT_ENV}); {retry_hint}", flush=True)
-        return False
+        return f"{name} timed out after {timeout:g} s ({STAGE_TIMEOUT_ENV}); {retry_hint}"
     if proc.returncode != 0:
-        print(f"{name} failed (exit {proc.returncode}); {retry_hint}", flush=True)
-    return proc.returncode == 0
+        return f"{name} failed (exit {proc.returncode}); {retry_hint}"
+    return None
 
 
 def summarize_sweep(tracking_uri: str, experiment: str, sweep_dir: str) -> dict | None:
