@@ -183,10 +183,13 @@ def test_a_base_model_without_a_chat_template_learns_to_stop_at_the_fallbacks_eo
     sweep = tmp_path / "sweep"
     # Measured: SFT at the demo's rate stops its answers after 15 steps (only "." before the end), and
     # after 60 they are the task's answers ("k = 9. The answer is 9."), closed by the end-of-turn token.
+    # One thread, here and for the answers: on a busy machine two threads that wait on each other take
+    # several times as long for a model this small (measured: 20 answers 0.4 s with one, 45 s with two).
     proc = run_train(["-m", "experiment=demo", RANDOM_TINY, f"model.name_or_path={base}", "method=sft",
                       "trainer.max_steps=60", "trainer.val_check_interval=60", "data.max_eval_rows=10",
-                      "eval_before_training=false", "trainer.enable_progress_bar=false", "export.quant_types=[]",
-                      "export.verify.num_texts=8", "evaluation.enabled=false", f"hydra.sweep.dir={sweep}"])
+                      "eval_before_training=false", "trainer.enable_progress_bar=false", "threads=1",
+                      "export.quant_types=[]", "export.verify.num_texts=8", "evaluation.enabled=false",
+                      f"hydra.sweep.dir={sweep}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     fallback = OmegaConf.load(sweep / "0" / ".hydra" / "config.yaml").data.fallback_chat_template
     # The merged model's tokenizer and both GGUFs (trained and base, answers compared like with like)
@@ -207,7 +210,7 @@ def test_a_base_model_without_a_chat_template_learns_to_stop_at_the_fallbacks_eo
     # the trained model's end by themselves after an answer; the untrained base's run on.
     prompts = [{"id": i, "prompt": json.loads(line)["prompt"]}
                for i, line in enumerate((ROOT / "data" / "sample" / "prompts.jsonl").read_text().splitlines()[:20])]
-    cfg = GenerationConfig(max_tokens=32, n_ctx=256)
+    cfg = GenerationConfig(max_tokens=32, n_ctx=256, threads=1)
     trained = answer_prompts(gguf / "winner-f16.gguf", prompts, tmp_path / "winner.jsonl", cfg, "winner")
     untrained = answer_prompts(gguf / "base-f16.gguf", prompts, tmp_path / "base.jsonl", cfg, "base")
     assert sum(a["finish_reason"] == "stop" and "The answer is" in a["answer"] for a in trained) >= 16, trained

@@ -13,8 +13,9 @@ from .conftest import RANDOM_TINY, ROOT, run_train
 QUICK = ["experiment=demo", RANDOM_TINY, "trainer.max_steps=6", "trainer.val_check_interval=3", "export.enabled=false",
          "trainer.enable_progress_bar=false"]
 
-# For tests about how a sweep ends, not what it learns: a few held-out pairs, no evaluation at step 0.
-SMALL_EVAL = ["data.max_eval_rows=10", "eval_before_training=false"]
+# For tests about how a sweep ends, not what it learns: a few held-out pairs, no evaluation at step 0,
+# one thread (two threads that wait on each other slow a model this small down on a busy machine).
+SMALL_EVAL = ["data.max_eval_rows=10", "eval_before_training=false", "threads=1"]
 
 
 def sweep_dir_from(stdout: str) -> Path:
