@@ -126,10 +126,17 @@ def test_fallback_template_only_when_tokenizer_has_none(tiny_models, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [row()])
     with pytest.raises(OrpolabError, match="no chat template"):
         prepare(cfg_for(tmp_path, train), tok)
-    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    # A fallback must end the assistant's turn with the tokenizer's EOS, the token llama.cpp stops at.
+    no_eos = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</turn>{% endfor %}"
+              "{% if add_generation_prompt %}<assistant>{% endif %}")
+    with pytest.raises(OrpolabError, match=r"must close the assistant's turn with the tokenizer's end-of-sequence "
+                                           r"token \(\{\{ eos_token \}\}, here '<\|eot_id\|>'\)"):
+        prepare(cfg_for(tmp_path, train, fallback_chat_template=no_eos), tok)
+    assert tok.chat_template is None
+    template = no_eos.replace("</turn>", "{{ eos_token }}")
     out = prepare(cfg_for(tmp_path, train, fallback_chat_template=template), tok)
-    assert tok.decode(out.train[0]["prompt_ids"]) == "<user>What is 12 + 7?<assistant>"
+    assert tok.decode(out.train[0]["prompt_ids"]) == "<user>What is 12 + 7?<|eot_id|><assistant>"
+    assert out.train[0]["chosen_ids"][-1] == tok.eos_token_id  # the model learns to end its answer with EOS
 
 
 def test_tokenized_data_is_cached_per_tokenizer(tiny_models, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orpolab.core.config import LoraSettings, ModelConfig, VerifyConfig
@@ -25,7 +26,7 @@ from orpolab.export.merge import build_adapted, check_memory, load_adapter_state
 from orpolab.export.verify import verify_gguf
 from orpolab.export.winners import Candidate, rank, select_winners, sweep_parent
 
-from .conftest import RANDOM_TINY, ROOT, TINY_DIR, compose
+from .conftest import RANDOM_TINY, ROOT, TINY_DIR, compose, run_train
 
 CACHE = str(ROOT / ".cache")
 
@@ -165,6 +166,55 @@ def test_each_tiny_architecture_converts_quantizes_and_loads(tiny_models, tmp_pa
         assert out["choices"][0]["finish_reason"] in ("length", "stop")
     finally:
         llm.close()
+
+
+def test_a_base_model_without_a_chat_template_learns_to_stop_at_the_fallbacks_eos_in_its_gguf(tiny_models,
+                                                                                              tracking_uri, tmp_path):
+    from orpolab.core.config import GenerationConfig
+    from orpolab.evaluate.generate import answer_prompts
+
+    base = tmp_path / "base"  # the random tiny_llama, its chat template removed: a base model
+    shutil.copytree(TINY_DIR / "tiny_llama", base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    assert not AutoTokenizer.from_pretrained(base).chat_template
+    sweep = tmp_path / "sweep"
+    # Measured: SFT at the demo's rate stops its answers after 15 steps (only "." before the end), and
+    # after 60 they are the task's answers ("k = 9. The answer is 9."), closed by the end-of-turn token.
+    # One thread, here and for the answers: on a busy machine two threads that wait on each other take
+    # several times as long for a model this small (measured: 20 answers 0.4 s with one, 45 s with two).
+    proc = run_train(["-m", "experiment=demo", RANDOM_TINY, f"model.name_or_path={base}", "method=sft",
+                      "trainer.max_steps=60", "trainer.val_check_interval=60", "data.max_eval_rows=10",
+                      "eval_before_training=false", "trainer.enable_progress_bar=false", "threads=1",
+                      "export.quant_types=[]", "export.verify.num_texts=8", "evaluation.enabled=false",
+                      f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fallback = OmegaConf.load(sweep / "0" / ".hydra" / "config.yaml").data.fallback_chat_template
+    # The merged model's tokenizer and both GGUFs (trained and base, answers compared like with like)
+    # carry the template training used, whose turns end with the tokenizer's EOS: llama.cpp's end of generation.
+    merged = AutoTokenizer.from_pretrained(sweep / "export" / "merged")
+    assert merged.chat_template == fallback
+    turn = merged.apply_chat_template([{"role": "user", "content": "What is k?"},
+                                       {"role": "assistant", "content": "k = 3."}], tokenize=False)
+    assert turn.endswith("k = 3." + merged.eos_token)
+    gguf = sweep / "export" / "gguf"
+    for name in ("winner-f16.gguf", "base-f16.gguf"):
+        meta = llamacpp.gguf_metadata(gguf / name)
+        assert meta["tokenizer.chat_template"] == fallback, name
+        assert int(meta["tokenizer.ggml.eos_token_id"]) == merged.eos_token_id, name
+    summary = json.loads((sweep / "export" / "export.json").read_text())
+    assert summary["passed"] and summary["verification"][0]["token_id_mismatches"] == 0
+    # The evaluation's answers, through llama-cpp-python's chat completion and so the GGUF's template:
+    # the trained model's end by themselves after an answer; the untrained base's run on.
+    prompts = [{"id": i, "prompt": json.loads(line)["prompt"]}
+               for i, line in enumerate((ROOT / "data" / "sample" / "prompts.jsonl").read_text().splitlines()[:20])]
+    cfg = GenerationConfig(max_tokens=32, n_ctx=256, threads=1)
+    trained = answer_prompts(gguf / "winner-f16.gguf", prompts, tmp_path / "winner.jsonl", cfg, "winner")
+    untrained = answer_prompts(gguf / "base-f16.gguf", prompts, tmp_path / "base.jsonl", cfg, "base")
+    assert sum(a["finish_reason"] == "stop" and "The answer is" in a["answer"] for a in trained) >= 16, trained
+    assert sum(a["finish_reason"] == "stop" for a in untrained) <= 4, untrained
 
 
 # ------------------------------------------------------------------ selection

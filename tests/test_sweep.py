@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from .conftest import RANDOM_TINY, ROOT, run_train
 
 QUICK = ["experiment=demo", RANDOM_TINY, "trainer.max_steps=6", "trainer.val_check_interval=3", "export.enabled=false",
          "trainer.enable_progress_bar=false"]
 
-# For tests about how a sweep ends, not what it learns: a few held-out pairs, no evaluation at step 0.
-SMALL_EVAL = ["data.max_eval_rows=10", "eval_before_training=false"]
+# For tests about how a sweep ends, not what it learns: a few held-out pairs, no evaluation at step 0,
+# one thread (two threads that wait on each other slow a model this small down on a busy machine).
+SMALL_EVAL = ["data.max_eval_rows=10", "eval_before_training=false", "threads=1"]
 
 
 def sweep_dir_from(stdout: str) -> Path:
@@ -115,3 +119,41 @@ def test_a_sweep_whose_jobs_export_and_evaluation_all_succeed_exits_0(sweep):
     assert "Sweep finished: 2 job(s) finished, 0 failed." in sweep["stdout"]
     assert "Exporting the winner" in sweep["stdout"] and "Evaluating winner vs base" in sweep["stdout"]
     assert "error:" not in sweep["stderr"] and "note:" not in sweep["stderr"]
+
+
+class FakeSubmitit:
+    """submitit's AutoExecutor as the sweep callback uses it: a local job runs here, a Slurm job never does."""
+
+    def __init__(self, folder: str, cluster: str):
+        self.cluster = cluster
+
+    def update_parameters(self, **params) -> None:
+        pass
+
+    def submit(self, fn, *args):
+        result = fn(*args) if self.cluster == "local" else None
+        return SimpleNamespace(job_id="4242", result=lambda: result)
+
+
+def test_post_stages_on_a_cluster_count_when_waited_for_and_are_named_when_not(monkeypatch, tmp_path, capsys):
+    from orpolab.sweep import callbacks
+
+    monkeypatch.setitem(sys.modules, "submitit", SimpleNamespace(AutoExecutor=FakeSubmitit))
+    # A stage that really fails: its module does not exist.
+    stages = [("Export", "Exporting", "orpolab.no_such_stage", [], "rerun it with: python -m orpolab.export S")]
+    launcher = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.{}Launcher"
+
+    local = callbacks.SweepOutcome()
+    config = OmegaConf.create({"hydra": {"launcher": {"_target_": launcher.format("Local")}}})
+    callbacks.submit_post_stages(config, stages, str(tmp_path), local)
+    assert local.failures == [f"Export failed (exit 1); rerun it with: python -m orpolab.export S (post-sweep job "
+                              f"4242, logs in {tmp_path / '.submitit' / 'post'})"] and local.notes == []
+
+    slurm = callbacks.SweepOutcome()
+    config = OmegaConf.create({"hydra": {"launcher": {"_target_": launcher.format("Slurm")}}})
+    callbacks.submit_post_stages(config, stages, str(tmp_path), slurm)
+    assert slurm.failures == []  # not known when train.py exits: the note says so instead
+    capsys.readouterr()
+    slurm.report()
+    assert capsys.readouterr().err.startswith("note: the exit status covers the training jobs only: export and "
+                                              "evaluation run as Slurm job 4242 after this command ends")

@@ -149,7 +149,7 @@ def test_supervised_warm_up_learns_the_task_and_saves_a_loadable_model(tiny_mode
 def test_best_val_metrics_describe_the_best_checkpoint_also_after_resuming(tiny_models, tracking_uri, tmp_path):
     # selection.mode=max on a metric that training lowers: the best checkpoint is the first one, not the last.
     common = FAST + ["selection.mode=max", "trainer.val_check_interval=2", "data.max_eval_rows=10",
-                     "eval_before_training=false"]
+                     "eval_before_training=false", "threads=1"]
     run(compose(common + ["trainer.max_steps=4"], tmp_path / "job"))
     r = only_run(tracking_uri)
     bpb = dict(history(tracking_uri, r.info.run_id, "val/chosen_bpb"))

@@ -19,6 +19,7 @@ from orpolab.core.config import LoraSettings, ModelConfig
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import atomic_dir
 from orpolab.export.llamacpp import write_added_tokens_decoder
+from orpolab.train.data import ensure_chat_template
 from orpolab.train.model import DTYPES, apply_lora, load_tokenizer
 
 SIXTEEN_BIT = {torch.bfloat16, torch.float16}
@@ -135,12 +136,23 @@ def tokenizer_model_file(name_or_path: str) -> Path | None:
     return Path(found) if found else None
 
 
+def save_tokenizer(tokenizer, folder: Path, model_cfg: ModelConfig) -> None:
+    """The tokenizer, its chat template and what llama.cpp's converter reads besides, into ``folder``."""
+    tokenizer.save_pretrained(str(folder))
+    write_added_tokens_decoder(folder, tokenizer)
+    sp_model = tokenizer_model_file(model_cfg.name_or_path)
+    if sp_model is not None:
+        shutil.copy(sp_model, Path(folder) / "tokenizer.model")
+
+
 def merge(model_cfg: ModelConfig, lora_cfg: LoraSettings, ckpt_path: str | Path, out_dir: Path,
-          adapter_dir: Path | None = None, headroom: float = 1.2) -> Path:
+          adapter_dir: Path | None = None, headroom: float = 1.2, fallback_chat_template: str | None = None) -> Path:
     """Write the merged model, its tokenizer and chat template to ``out_dir`` (atomically).
 
     ``adapter_dir`` also receives the adapter alone, in peft's format, for users who prefer to
-    load base + adapter.
+    load base + adapter. ``fallback_chat_template``: the job's ``data.fallback_chat_template``; a
+    base tokenizer without a template of its own gets it, as in training, so the merged model (and
+    through llama.cpp's converter its GGUF) formats chats the way the model was trained on.
     """
     from transformers import AutoConfig
 
@@ -150,6 +162,7 @@ def merge(model_cfg: ModelConfig, lora_cfg: LoraSettings, ckpt_path: str | Path,
     check_memory(model_cfg.name_or_path, n_params, dtype, headroom)
     check_disk(out_dir.parent, n_params * torch.finfo(dtype).bits // 8, "the merged model")
     tokenizer = load_tokenizer(model_cfg)
+    ensure_chat_template(tokenizer, fallback_chat_template)
     model = build_adapted(model_cfg, lora_cfg, ckpt_path, dtype)
     if adapter_dir is not None:
         with atomic_dir(adapter_dir) as tmp:
@@ -157,10 +170,27 @@ def merge(model_cfg: ModelConfig, lora_cfg: LoraSettings, ckpt_path: str | Path,
     with atomic_dir(out_dir) as tmp:
         merged = model.merge_and_unload()
         merged.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        write_added_tokens_decoder(tmp, tokenizer)
-        sp_model = tokenizer_model_file(model_cfg.name_or_path)
-        if sp_model is not None:
-            shutil.copy(sp_model, tmp / "tokenizer.model")
+        save_tokenizer(tokenizer, tmp, model_cfg)
     return out_dir
 
+
+def with_chat_template(model_cfg: ModelConfig, model_dir: Path, fallback_chat_template: str | None,
+                       out_dir: Path) -> Path:
+    """``model_dir`` itself, or, when its tokenizer has no chat template, a copy that has the fallback.
+
+    For the base model's GGUF: the evaluation has base and trained model answer through their own
+    GGUF's template, which must be the same for a fair comparison. The copy links the weights and
+    writes the tokenizer anew; llama.cpp's converter reads it like any model folder.
+    """
+    tokenizer = load_tokenizer(model_cfg)
+    if not ensure_chat_template(tokenizer, fallback_chat_template):
+        return model_dir
+    with atomic_dir(out_dir) as tmp:
+        for item in Path(model_dir).iterdir():
+            if item.is_file():
+                (tmp / item.name).symlink_to(item.resolve())
+        for name in ("tokenizer_config.json", "tokenizer.json", "chat_template.jinja", "special_tokens_map.json",
+                     "tokenizer.model"):
+            (tmp / name).unlink(missing_ok=True)  # links to the base's files: written anew, not through them
+        save_tokenizer(tokenizer, tmp, model_cfg)
+    return out_dir

@@ -23,7 +23,7 @@ from orpolab.core.config import DataConfig, ExportConfig, LoraSettings, ModelCon
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import write_json_atomic
 from orpolab.export import llamacpp
-from orpolab.export.merge import check_disk, merge, parameter_count
+from orpolab.export.merge import check_disk, merge, parameter_count, with_chat_template
 from orpolab.export.verify import verify_gguf
 from orpolab.export.winners import select_winners, sweep_parent
 from orpolab.train.data import SkipRow, normalize_row, three_splits
@@ -131,9 +131,11 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
     for label, w in winners.items():
         suffix = "" if label == "winner" else f"-{label}"
         lora_cfg = settings(LoraSettings, job_cfgs[label].lora, "lora")
+        fallback = settings(DataConfig, job_cfgs[label].data, "data").fallback_chat_template
         print(f"  {label}: merging the adapter into {model_name} ...", flush=True)
         merged_dir = merge(model_cfg, lora_cfg, w.best_checkpoint, out / f"merged{suffix}",
-                           adapter_dir=out / f"adapter{suffix}", headroom=export_cfg.memory_headroom)
+                           adapter_dir=out / f"adapter{suffix}", headroom=export_cfg.memory_headroom,
+                           fallback_chat_template=fallback)
         title = "winner" if label == "winner" else f"{label} winner"
         files = gguf_set(merged_dir, label, gguf_dir, export_cfg.quant_types, cache_dir,
                          f"{model_name} orpolab {title} (job {w.job_num})")
@@ -152,8 +154,10 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
         }
     base_files = {}
     if export_cfg.include_base:
-        base_files = gguf_set(base_model_dir(model_cfg), "base", gguf_dir, export_cfg.quant_types, cache_dir,
-                              f"{model_name} base")
+        # A base without a chat template of its own gets the one its trained model was given (the fallback).
+        fallback = settings(DataConfig, job_cfg.data, "data").fallback_chat_template
+        base_dir = with_chat_template(model_cfg, base_model_dir(model_cfg), fallback, out / "base-with-template")
+        base_files = gguf_set(base_dir, "base", gguf_dir, export_cfg.quant_types, cache_dir, f"{model_name} base")
     passed = all(c["passed"] for c in checks)
     summary = {
         "sweep_dir": str(sweep), "parent_run_id": parent.info.run_id, "passed": passed,

@@ -1,9 +1,10 @@
 """Hydra callback that gives each multirun one MLflow parent run, a closing summary and its outcome.
 
-Hydra's basic launcher runs the jobs in this process and turns an exception raised in a callback
-into a warning, so a failed job or post-sweep stage would still end ``python train.py -m`` with
-exit status 0. The callback therefore records what failed (:class:`SweepOutcome`), prints it with
-the commands that re-run it, and ``train.py`` exits with :func:`exit_status` once Hydra returns.
+A job's error is caught inside the job (recorded on its MLflow run) so that the other jobs run, the
+post-sweep stages are subprocesses, and Hydra turns an exception raised in a callback into a
+warning: none of them would change the exit status of ``python train.py -m``. The callback therefore
+records what failed (:class:`SweepOutcome`), prints it with the commands that re-run it, and
+``train.py`` exits with :func:`exit_status` once Hydra returns.
 """
 
 from __future__ import annotations

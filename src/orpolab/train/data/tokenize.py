@@ -24,16 +24,39 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 3
 
 
-def ensure_chat_template(tokenizer, fallback: str | None) -> None:
-    """Use the tokenizer's own template; the configured fallback only when it has none."""
+def ensure_chat_template(tokenizer, fallback: str | None) -> bool:
+    """Use the tokenizer's own template; the configured fallback only when it has none (a base model).
+
+    Returns whether the fallback was set. The fallback must close the assistant's turn with the
+    tokenizer's EOS token: that is the one token llama.cpp, like transformers, stops generating at,
+    so a template closing turns with anything else would train a model that never stops in its GGUF.
+    The export sets the same fallback on the merged model's tokenizer, so its GGUF carries it.
+    """
     if getattr(tokenizer, "chat_template", None):
-        return
+        return False
     if not fallback:
         raise OrpolabError(
             "the tokenizer has no chat template; set data.fallback_chat_template "
-            "(conf/data/default.yaml has a ChatML one) or use an instruct model"
+            "(conf/data/orpo_dpo_mix.yaml has one) or use an instruct model"
         )
+    if not tokenizer.eos_token:
+        raise OrpolabError("the tokenizer has neither a chat template nor an end-of-sequence token to end the "
+                           "assistant's turn with; use a model whose tokenizer has one of them")
     tokenizer.chat_template = fallback
+    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
+    try:
+        _, completion = render(tokenizer, probe[:1], probe[1]["content"])
+    except Exception as err:
+        tokenizer.chat_template = None
+        raise OrpolabError(f"data.fallback_chat_template does not render: {type(err).__name__}: {err}") from err
+    if tokenizer.eos_token not in completion:
+        tokenizer.chat_template = None
+        raise OrpolabError(
+            "data.fallback_chat_template must close the assistant's turn with the tokenizer's end-of-sequence "
+            f"token ({{{{ eos_token }}}}, here {tokenizer.eos_token!r}), the token llama.cpp stops at; "
+            f"it renders the answer as {completion!r}"
+        )
+    return True
 
 
 def render(tokenizer, prompt: list[dict], answer: str) -> tuple[str, str]:
