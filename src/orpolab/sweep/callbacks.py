@@ -247,6 +247,19 @@ def pin_sweep_dir(config: DictConfig) -> str:
     return folder
 
 
+def stage_env() -> dict[str, str]:
+    """The environment of a post-sweep stage: this orpolab's source first on its path.
+
+    ``train.py`` runs the orpolab of its own checkout; the stage, a new ``python -m orpolab...``, would
+    import whichever orpolab is installed in the environment (another checkout's, or none) without it.
+    """
+    import orpolab
+
+    src = str(Path(orpolab.__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": src + (os.pathsep + path if path else "")}
+
+
 def run_stage(name: str, title: str, module: str, args: list[str], retry_hint: str) -> str | None:
     """A post-sweep stage in its own process: the jobs' memory is freed and a crash stays contained.
 
@@ -257,7 +270,7 @@ def run_stage(name: str, title: str, module: str, args: list[str], retry_hint: s
     timeout = float(os.environ.get(STAGE_TIMEOUT_ENV) or STAGE_TIMEOUT_S)
     print(f"\n{title} ...", flush=True)
     try:
-        proc = subprocess.run([sys.executable, "-m", module, *args], timeout=timeout)
+        proc = subprocess.run([sys.executable, "-m", module, *args], timeout=timeout, env=stage_env())
     except subprocess.TimeoutExpired:
         return f"{name} timed out after {timeout:g} s ({STAGE_TIMEOUT_ENV}); {retry_hint}"
     if proc.returncode != 0:
