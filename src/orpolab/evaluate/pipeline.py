@@ -55,6 +55,20 @@ def make_checker(cfg: DictConfig):
             from err
 
 
+def test_pairs(job_cfg: DictConfig) -> list[tuple[dict, str, str, str]]:
+    """(row, question, chosen answer, rejected answer) of the test split's usable single-question rows."""
+    data_cfg = settings(DataConfig, job_cfg.data, "data")
+    out = []
+    for row in three_splits(data_cfg, need_train=False).test:
+        try:
+            prompt, chosen, rejected = normalize_row(row, data_cfg)
+        except SkipRow:
+            continue
+        if prompt[-1]["role"] == "user":
+            out.append((row, prompt[-1]["content"], chosen, rejected))
+    return out
+
+
 def load_prompts(cfg: DictConfig, job_cfg: DictConfig, checker=None) -> list[dict]:
     """Evaluation prompts as ``{id, prompt, reference, expected}``; ``expected`` only where ``checker`` can check."""
     kind, limit = cfg.kind, cfg.max_prompts
@@ -62,17 +76,10 @@ def load_prompts(cfg: DictConfig, job_cfg: DictConfig, checker=None) -> list[dic
     if kind == "heldout":
         # The test split: never trained on, and not the validation rows that picked the checkpoints
         # and the winner (evaluating on those would favour the winner: the winner's curse).
-        data_cfg = settings(DataConfig, job_cfg.data, "data")
-        for row in three_splits(data_cfg, need_train=False).test:
-            try:
-                prompt, chosen, _ = normalize_row(row, data_cfg)
-            except SkipRow:
-                continue
-            if prompt[-1]["role"] == "user":
-                expected = row.get(cfg.reference_field or "answer") if checker else None
-                rows.append({"prompt": prompt[-1]["content"], "expected": expected,
-                             "reference": checker.reference(expected) if checker and expected is not None
-                             else chosen})
+        for row, prompt, chosen, _ in test_pairs(job_cfg):
+            expected = row.get(cfg.reference_field or "answer") if checker else None
+            rows.append({"prompt": prompt, "expected": expected,
+                         "reference": checker.reference(expected) if checker and expected is not None else chosen})
     elif kind == "conversations":
         for row in load_rows(cfg.path, cfg.split):
             turns = row.get(cfg.prompt_field) or []
@@ -224,15 +231,8 @@ class Evaluation:
 
     def calibration_sets(self) -> tuple[list[dict], list[dict]]:
         """Preference pairs (chosen, rejected) of the test split, and the checkable evaluation prompts."""
-        data_cfg = settings(DataConfig, self.job_cfg.data, "data")
-        pairs = []
-        for row in three_splits(data_cfg, need_train=False).test:
-            try:
-                prompt, chosen, rejected = normalize_row(row, data_cfg)
-            except SkipRow:
-                continue
-            if prompt[-1]["role"] == "user":
-                pairs.append({"prompt": prompt[-1]["content"], "chosen": chosen, "rejected": rejected})
+        pairs = [{"prompt": prompt, "chosen": chosen, "rejected": rejected}
+                 for _, prompt, chosen, rejected in test_pairs(self.job_cfg)]
         checkable = [{"prompt": p["prompt"], "expected": p["expected"]} for p in self.prompts()
                      if p.get("expected") is not None] if self.checker else []
         return pairs, checkable
