@@ -63,3 +63,11 @@ def test_two_sweeps_keep_two_reports_and_latest_points_at_the_newest(sweep, tmp_
     assert "# orpolab report: sweep-a" in a.read_text() and "# orpolab report: sweep-b" in b.read_text()
     assert (reports / "latest").resolve() == (reports / "sweep-b").resolve()
     assert json.loads((sweep["dir"] / "evaluation" / "results.json").read_text())["prompts"] == 6
+
+
+def test_evaluation_prompts_found_in_the_training_data_are_called_a_leak():
+    leak = {"splits": {"evaluation_prompts": {"in_train": 3, "in_validation": 1}}}
+    assert any(w.startswith("**Leak**: 3 evaluation prompts also appear in the training data and 1 in the validation")
+               for w in warnings(leak))
+    clean = {"splits": {"evaluation_prompts": {"in_train": 0, "in_validation": 0}}}
+    assert not any("Leak" in w for w in warnings(clean))
