@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 # multimodal part is not needed. GPU users may add -DGGML_CUDA=on.
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: setup tiny-models smollm2 warm-up demo demo-methods demo-real test test-slow bench lint mlflow-ui clean
+.PHONY: setup tiny-models smollm2 warm-up demo demo-methods demo-real test bench lint mlflow-ui clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -52,10 +52,6 @@ bench: tiny-models
 
 test: tiny-models smollm2
 	$(BIN)/python -m pytest -q
-
-# The slow tests: SmolLM2-135M-Instruct trained, exported and evaluated end to end (a few minutes).
-test-slow: tiny-models smollm2
-	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench train.py

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from .conftest import run_train
 
 
-@pytest.mark.slow  # about 3 minutes on 2 idle cores: make test-slow
 def test_smollm2_trains_exports_with_identical_bpe_ids_and_is_evaluated(smollm2, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = run_train(["-m", "experiment=demo_real", "orpo.beta=0.1", "trainer.max_steps=2",
