@@ -73,8 +73,9 @@ def _data(c: dict) -> list[str]:
     for key in ("batch_size", "eval_batch_size"):
         if data[key] < 1:
             out.append(f"data.{key} must be at least 1, got {data[key]}")
-    if data["eval_path"] is None and not data["eval_size"] > 0:
-        out.append(f"data.eval_size must be positive (a fraction below 1 or a row count), got {data['eval_size']}")
+    for path, size in (("eval_path", "eval_size"), ("test_path", "test_size")):
+        if data[path] is None and not data[size] > 0:
+            out.append(f"data.{size} must be positive (a fraction below 1 or a row count), got {data[size]}")
     return out
 
 
@@ -161,6 +162,16 @@ def _evaluation(c: dict) -> list[str]:
     if unknown:
         out.append(f"evaluation.judge.metrics: unknown judge metric(s) {', '.join(unknown)}; available: "
                    f"{', '.join(known)}")
+    judge = c["evaluation"]["judge"]
+    if judge["calibration_size"] < 0:
+        out.append(f"evaluation.judge.calibration_size must be 0 (off) or positive, got {judge['calibration_size']}")
+    if judge["max_prompts"] is not None and judge["max_prompts"] < 1:
+        out.append(f"evaluation.judge.max_prompts must be null (all) or at least 1, got {judge['max_prompts']}")
+    exported = {"F16", *(str(q).upper() for q in c["export"]["quant_types"])}
+    missing = [str(q) for q in c["evaluation"]["quants"] if str(q).upper() not in exported]
+    if missing:
+        out.append(f"evaluation.quants: {', '.join(missing)} not exported; add to export.quant_types "
+                   f"(now {', '.join(sorted(exported))})")
     prompts = c["eval_prompts"]
     checker = prompts["checker"]
     if checker is not None and not (isinstance(checker, dict) and checker.get("_target_")):
