@@ -181,8 +181,9 @@ def test_a_base_model_without_a_chat_template_learns_to_stop_at_the_fallbacks_eo
     (base / "tokenizer_config.json").write_text(json.dumps(config))
     assert not AutoTokenizer.from_pretrained(base).chat_template
     sweep = tmp_path / "sweep"
-    # Measured: SFT at the demo's rate stops its answers after 15 steps (only "." before the end), and
-    # after 60 they are the task's answers ("k = 9. The answer is 9."), closed by the end-of-turn token.
+    # Measured: SFT at the demo's rate does not stop after 10 steps, stops after 15 (with only "." before
+    # the end), and after 60 gives the task's answer form (" = 9. The answer is 9.", values not yet right)
+    # closed by the end-of-turn token, in 30 of 30 answers (ORPO alike).
     # One thread, here and for the answers: on a busy machine two threads that wait on each other take
     # several times as long for a model this small (measured: 20 answers 0.4 s with one, 45 s with two).
     proc = run_train(["-m", "experiment=demo", RANDOM_TINY, f"model.name_or_path={base}", "method=sft",
