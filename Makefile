@@ -40,7 +40,7 @@ demo-methods: warm-up smollm2
 	$(BIN)/python train.py -m experiment=demo method=orpo,dpo,simpo,sft
 
 # A real pretrained model offline: an ORPO sweep of SmolLM2-135M-Instruct on the sample task, exported,
-# verified, and evaluated against its base (about 30 minutes on 2 cores after set-up).
+# verified, and evaluated against its base (about 9 minutes on 2 idle cores after set-up).
 demo-real: smollm2
 	$(BIN)/python train.py -m experiment=demo_real orpo.beta=0.05,0.1
 
