@@ -199,7 +199,8 @@ class Evaluation:
         metric = metric_by_name(metric_name)
         grammar = verdict_grammar([r.score for r in metric.rubric], j.max_feedback_chars)
         hashes = Path(str(j.calibration_cache)) / "file-hashes.json"  # a 2.4 GB judge is hashed once
-        return {**judge_identity(self.judge_file(), hashes), "quant": quant_of(self.judge_file().name),
+        judge_file = self.judge_file()
+        return {**judge_identity(judge_file, hashes), "quant": quant_of(judge_file.name),
                 "stand_in": bool(j.stand_in), "family": j.family, "metric": metric_name,
                 "grammar_sha256": hashlib.sha256(grammar.encode()).hexdigest()[:12],
                 "grammar": f"flow-judge's <feedback>...</feedback><score>N</score>, feedback at most "
@@ -376,10 +377,11 @@ class Evaluation:
         judged = self.judged(prompts)
         results["judged_prompts"] = len(judged)
         tokens = {m: [answers[m].get(p["id"], {}).get("completion_tokens") for p in judged] for m in self.models}
+        judge_scores: dict[str, dict[str, list]] = {}  # metric -> model -> score per judged prompt
         for metric_name in self.cfg.judge.metrics:
             verdicts = read_jsonl(self.out / f"verdicts-{metric_name}.jsonl")
             score = {(v["model"], v["id"]): (v["score"] if v["score"] >= 0 else None) for v in verdicts}
-            per = {m: [score.get((m, p["id"])) for p in judged] for m in self.models}
+            per = judge_scores[metric_name] = {m: [score.get((m, p["id"])) for p in judged] for m in self.models}
             entry = {"parse_failures": sum(v["score"] < 0 for v in verdicts), "verdicts": len(verdicts),
                      "paired": {m: paired_comparison(per[m], per["base"], n, seed) for m in self.trained},
                      "length": {m: length_sensitivity(per[m], per["base"], tokens[m], tokens["base"], n, seed)
@@ -391,8 +393,8 @@ class Evaluation:
                     entry[m] = {"mean": sum(vals) / len(vals), "ci_low": lo, "ci_high": hi, "n": len(vals)}
             results["metrics"][metric_name] = entry
         if len(self.quant_labels) > 1:
-            results["quant_costs"] = quant_costs(self.quant_labels, checked, figures, results["metrics"], judged,
-                                                 self.cfg.judge.metrics, self.out, n, seed)
+            results["quant_costs"] = quant_costs(self.quant_labels, checked, figures, results["metrics"],
+                                                 judge_scores, n, seed)
         write_json_atomic(self.out / "results.json", results)
         self._log_results(results)
         return results
@@ -483,9 +485,12 @@ def length_sensitivity(scores: list, base_scores: list, tokens: list, base_token
     return length_regression([d for d, _ in rows], [x for _, x in rows], n, seed)
 
 
-def quant_costs(labels: dict[str, str], checked: dict, figures: list[str], metrics: dict, prompts: list[dict],
-                metric_names, out: Path, n: int, seed: int) -> dict:
-    """Per quantization of the winner: checked figures and judge score, each paired against F16."""
+def quant_costs(labels: dict[str, str], checked: dict, figures: list[str], metrics: dict,
+                judge_scores: dict[str, dict[str, list]], n: int, seed: int) -> dict:
+    """Per quantization of the winner: checked figures and judge score, each paired against F16.
+
+    ``judge_scores``: metric -> model -> its score on each judged prompt (None: no verdict), as scored.
+    """
     reference = "F16" if "F16" in labels else next(iter(labels))
     rows: dict[str, dict] = {}
     for q, label in labels.items():
@@ -497,16 +502,11 @@ def quant_costs(labels: dict[str, str], checked: dict, figures: list[str], metri
                 if q != reference:
                     ref = [float(c[fig]) for c in checked[labels[reference]].values()]
                     row[f"{fig}_vs_{reference}"] = paired_comparison(values, ref, n, seed)
-        for name in metric_names:
-            entry = metrics[name]
-            if entry.get(label):
-                row[f"judge_{name}"] = entry[label]["mean"]
+        for name, per in judge_scores.items():
+            if metrics[name].get(label):
+                row[f"judge_{name}"] = metrics[name][label]["mean"]
             if q != reference:
-                verdicts = read_jsonl(out / f"verdicts-{name}.jsonl")
-                score = {(v["model"], v["id"]): (v["score"] if v["score"] >= 0 else None) for v in verdicts}
-                row[f"judge_{name}_vs_{reference}"] = paired_comparison(
-                    [score.get((label, p["id"])) for p in prompts],
-                    [score.get((labels[reference], p["id"])) for p in prompts], n, seed)
+                row[f"judge_{name}_vs_{reference}"] = paired_comparison(per[label], per[labels[reference]], n, seed)
         rows[q] = row
     return {"reference": reference, "rows": rows}
 
