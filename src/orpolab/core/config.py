@@ -121,6 +121,11 @@ class PromptKind(Choice):
 
 QUANT_TYPES = tuple(q.value for q in Quant)
 
+# The groups that act only after training: the export of the winner and its evaluation. They are not
+# part of a sweep's identity (orpolab.sweep.sweep_id), cannot be swept, and the stage commands
+# (python -m orpolab.export / orpolab.evaluate) take overrides of them (orpolab.core.stage_config).
+POST_TRAINING = ("export", "evaluation", "eval_prompts")
+
 
 @dataclass
 class DataConfig:

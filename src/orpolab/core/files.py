@@ -61,3 +61,34 @@ def append_jsonl(path: Path, row: dict) -> None:
 def looks_local(name_or_path: str) -> bool:
     """Paths are explicit (absolute, ./, ../, ~) or exist; anything else is a hub id."""
     return str(name_or_path).startswith(("/", "./", "../", "~")) or os.path.exists(name_or_path)
+
+
+def relative_to(path: str | Path, folder: str | Path) -> str:
+    """``path`` relative to ``folder`` when it lies inside it (so the folder can move), else unchanged.
+
+    What a sweep writes about itself (``export/export.json``, a job's ``result.json``) names its
+    files this way; :func:`inside` reads them back, and the absolute paths of older files too.
+    """
+    p, root = Path(path), Path(folder).resolve()
+    try:
+        return p.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def inside(folder: str | Path, path: str | Path, recorded_folder: str | Path | None = None) -> Path:
+    """A path written by :func:`relative_to`, as a path on this machine.
+
+    Relative: below ``folder``. Absolute (older files): as written, unless it no longer exists and lies
+    under ``recorded_folder`` (where the folder was when it was written), then at the same place below
+    ``folder``: a sweep written before paths were relative still works after it has moved.
+    """
+    p = Path(path)
+    if not p.is_absolute():
+        return Path(folder) / p
+    if recorded_folder and not p.exists():
+        try:
+            return Path(folder) / p.relative_to(Path(recorded_folder))
+        except ValueError:
+            pass
+    return p

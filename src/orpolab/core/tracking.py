@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 ROLE_TAG, SWEEP_TAG = "orpolab.role", "orpolab.sweep_dir"
+EVALUATION_ROLE = "evaluation"
 PARENT_TAG = "mlflow.parentRunId"
 # MLflow 3's experiment kind (the UI's "Machine learning" type; its default view is the runs table).
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -117,8 +118,34 @@ def child_runs(tracking_uri: str, parent_run_id: str, job_num: str | None = None
     query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
     if job_num is not None:
         query += f" and tags.`orpolab.job_num` = '{job_num}'"
-    return with_retry(lambda: c.search_runs([parent.info.experiment_id], filter_string=query,
+    runs = with_retry(lambda: c.search_runs([parent.info.experiment_id], filter_string=query,
                                             order_by=["attributes.start_time ASC"]))
+    # The sweep's evaluations are nested runs of the same parent (evaluation_run): not jobs.
+    return [r for r in runs if r.data.tags.get(ROLE_TAG) != EVALUATION_ROLE]
+
+
+def evaluation_run(tracking_uri: str, parent_run_id: str, evaluation_id: str, tags: dict[str, str]) -> JobRun | None:
+    """The nested run of one evaluation of a sweep (found by its id, else created), or None when the
+    store has no such parent run: a sweep folder evaluated on another machine is evaluated locally."""
+    c = client(tracking_uri)
+    try:
+        parent = with_retry(lambda: c.get_run(parent_run_id))
+    except Exception:  # MlflowException: RESOURCE_DOES_NOT_EXIST (another store), or no store at all
+        return None
+    query = (f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{ROLE_TAG}` = '{EVALUATION_ROLE}' "
+             f"and tags.`orpolab.evaluation_id` = '{evaluation_id}'")
+    found = with_retry(lambda: c.search_runs([parent.info.experiment_id], filter_string=query, max_results=1))
+    if found:
+        run = JobRun(tracking_uri, found[0].info.run_id)
+        run.reopen()
+    else:
+        created = with_retry(lambda: c.create_run(parent.info.experiment_id, tags={
+            PARENT_TAG: parent_run_id, ROLE_TAG: EVALUATION_ROLE, "orpolab.evaluation_id": evaluation_id,
+            "mlflow.runName": f"evaluation {evaluation_id}",
+            SWEEP_TAG: parent.data.tags.get(SWEEP_TAG, "")}))
+        run = JobRun(tracking_uri, created.info.run_id)
+    run.set_tags(tags)
+    return run
 
 
 def find_job_run(tracking_uri: str, parent_run_id: str, job_num: str):

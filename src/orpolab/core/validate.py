@@ -43,6 +43,22 @@ def problems_of(cfg: DictConfig) -> list[str]:
     return [problem for check in CHECKS for problem in check(c)]
 
 
+def post_training_problems(cfg: DictConfig) -> list[str]:
+    """The problems of the export and evaluation settings alone (``python -m orpolab.export`` / ``evaluate``).
+
+    The training groups are a finished job's and are not checked again: on another machine its local
+    model folder need not exist, and the evaluation does not need it.
+    """
+    from orpolab.core.config import POST_TRAINING
+
+    try:
+        c = {key: OmegaConf.to_container(cfg[key], resolve=True, throw_on_missing=True, enum_to_str=True)
+             for key in POST_TRAINING}
+    except OmegaConfBaseException as err:
+        return [describe(err)]
+    return [problem for check in (_export, _evaluation) for problem in check(c)]
+
+
 def _method(c: dict) -> list[str]:
     method, out = c["method"], []
     if method["name"] != "sft" and not method["beta"] > 0:

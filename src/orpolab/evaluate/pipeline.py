@@ -9,8 +9,16 @@ Stages, each runnable alone on an existing sweep and each resuming from its save
     python -m orpolab.evaluate <sweep> --stage calibrate  # the judge on answers of known quality (cached)
     python -m orpolab.evaluate <sweep> --stage judge      # Flow Judge verdicts
     python -m orpolab.evaluate <sweep> --stage score      # checked figures, bootstrap, ... -> results.json
-    python -m orpolab.evaluate <sweep> --stage report     # report/<sweep id>/ (Markdown + plots) and MLflow
+    python -m orpolab.evaluate <sweep> --stage report     # report/<sweep id>/<evaluation id>/ and MLflow
     python -m orpolab.evaluate <sweep>                    # all of them
+    python -m orpolab.evaluate <sweep> eval_prompts=finetome evaluation.judge.path=/x.gguf   # other settings
+
+The settings are the winner's recorded ones composed with the command's overrides of ``evaluation`` and
+``eval_prompts`` (:mod:`orpolab.core.stage_config`); each set of settings is its own evaluation, in
+``<sweep>/evaluation/<id>/`` (:mod:`orpolab.evaluate.evaluations`), a nested MLflow run of the sweep's
+parent run when the tracking store has it, else only local files. Only the export's GGUFs,
+``export/export.json`` and the jobs' recorded configs are read from the sweep folder: a copy of those
+on another machine evaluates there.
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ from omegaconf import DictConfig, OmegaConf
 from orpolab.core import console, tracking
 from orpolab.core.config import DataConfig, GenerationConfig, settings
 from orpolab.core.errors import OrpolabError
-from orpolab.core.files import append_jsonl, read_jsonl, write_json_atomic
+from orpolab.core.files import append_jsonl, inside, read_jsonl, relative_to, write_json_atomic
+from orpolab.core.stage_config import compose_stage
+from orpolab.evaluate import evaluations
 from orpolab.evaluate.generate import answer_prompts
 from orpolab.evaluate.stats import bootstrap_mean_ci, paired_comparison
 from orpolab.export import llamacpp
@@ -106,9 +116,10 @@ def load_prompts(cfg: DictConfig, job_cfg: DictConfig, checker=None) -> list[dic
 
 
 class Evaluation:
-    """Paths and settings of one sweep's evaluation, read from its export and its config."""
+    """Paths and settings of one evaluation of a sweep: its export, the winner's recorded config and the
+    command's overrides (see module doc). Everything is checked here, before any stage runs."""
 
-    def __init__(self, sweep_dir: str | Path, tracking_uri: str):
+    def __init__(self, sweep_dir: str | Path, tracking_uri: str, overrides: tuple[str, ...] | list[str] = ()):
         self.sweep = Path(sweep_dir).resolve()
         export_file = self.sweep / "export" / "export.json"
         if not export_file.is_file():
@@ -116,13 +127,15 @@ class Evaluation:
                                f"{self.sweep}` first")
         self.export = json.loads(export_file.read_text())
         self.tracking_uri = tracking_uri
-        self.job_cfg = OmegaConf.create(self.export["winner"]["config"])
-        if "evaluation" not in self.job_cfg or "eval_prompts" not in self.job_cfg:
-            raise OrpolabError("the winner's config has no evaluation settings (conf/evaluation, conf/eval_prompts)")
+        winner = self.export["winner"]
+        job_dir = self.path(winner["job_dir"]) if winner.get("job_dir") else old_job_dir(self.sweep, self.export)
+        self.job_cfg = compose_stage(self.sweep, job_dir, overrides, ("evaluation", "eval_prompts"),
+                                     "python -m orpolab.evaluate", fallback=winner.get("config"))
         self.cfg, self.prompts_cfg = self.job_cfg.evaluation, self.job_cfg.eval_prompts
         self.checker = make_checker(self.prompts_cfg)
-        self.out = self.sweep / "evaluation"
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.id = evaluations.evaluation_id(self.job_cfg)
+        self.out = self.sweep / "evaluation" / self.id
+        self._run: tracking.JobRun | None | bool = False  # False: not looked up yet
         # "base" first, then the exported models: "winner", or one per method in a mixed-method sweep;
         # then the winner at the other quantizations of evaluation.quants ("winner@F16").
         self.trained = tuple(self.export.get("winners", {"winner": None}))
@@ -130,6 +143,26 @@ class Evaluation:
                                          [str(q).upper() for q in self.cfg.get("quants") or []])
         extra = tuple(label for label in self.quant_labels.values() if label not in self.trained)
         self.models = ("base", *self.trained, *extra)
+        for model in self.models:
+            self.gguf(model)  # every GGUF the settings ask for is in the export, or say so now
+        judge_path = self.cfg.judge.get("path")
+        if judge_path and not Path(str(judge_path)).expanduser().is_file():
+            raise OrpolabError(f"evaluation.judge.path: judge file {judge_path} does not exist")
+        evaluations.write_settings(self.out, self.job_cfg, self.id)
+
+    def path(self, recorded: str) -> Path:
+        """A path export.json names, on this machine: relative to the sweep folder (absolute in older sweeps)."""
+        return inside(self.sweep, recorded, self.export.get("sweep_dir"))
+
+    def tracking_run(self) -> tracking.JobRun | None:
+        """This evaluation's nested run under the sweep's parent run; None when the tracking store lacks the
+        parent (a copied sweep evaluated on another machine): results and report are then local only."""
+        if self._run is False:
+            j = self.cfg.judge
+            self._run = tracking.evaluation_run(self.tracking_uri, self.export["parent_run_id"], self.id, {
+                "orpolab.judge": self.judge_name(), "orpolab.eval_prompts": str(self.prompts_cfg.kind),
+                "orpolab.evaluation_dir": str(self.out), "orpolab.judge_path": str(j.get("path") or "")})
+        return self._run or None
 
     def gguf(self, model: str) -> Path:
         """The GGUF a model label answers with: ``winner`` at ``evaluation.quant``, ``winner@F16`` at F16."""
@@ -139,7 +172,7 @@ class Evaluation:
         if quant not in files:
             raise OrpolabError(f"no {quant} GGUF of the {name} model in the export (have {sorted(files)}); "
                                "set evaluation.quant / evaluation.quants, or export.quant_types")
-        return Path(files[quant])
+        return self.path(files[quant])
 
     def prompts(self) -> list[dict]:
         return load_prompts(self.prompts_cfg, self.job_cfg, self.checker)
@@ -400,8 +433,10 @@ class Evaluation:
         return results
 
     def _log_results(self, results: dict) -> None:
-        """Calibration, quantization costs and the judge's identity on the sweep's MLflow parent run."""
-        run = tracking.JobRun(self.tracking_uri, self.export["parent_run_id"])
+        """Calibration, quantization costs and the judge's identity on this evaluation's MLflow run (if any)."""
+        run = self.tracking_run()
+        if run is None:
+            return
         metrics: dict[str, float] = {}
         for name, c in ((results.get("calibration") or {}).get("metrics") or {}).items():
             for part in ("pairwise", "auc"):
@@ -422,8 +457,9 @@ class Evaluation:
         run.set_tags(tags)
 
     def report(self, report_root: Path) -> Path:
-        """Gather what the report shows (MLflow, the stages' files), write it to ``<report_root>/<sweep id>/``,
-        point ``<report_root>/latest`` at it, and log it on the parent run."""
+        """Gather what the report shows (MLflow, the stages' files), write it to
+        ``<report_root>/<sweep id>/<evaluation id>/``, point ``<report_root>/latest`` at it, list the sweep's
+        evaluations in it and in the others' reports, and log it on this evaluation's MLflow run."""
         from orpolab.evaluate.report import CURVES, ReportInputs, write_report
 
         results_file = self.out / "results.json"
@@ -436,21 +472,45 @@ class Evaluation:
             for v in read_jsonl(self.out / f"verdicts-{first_metric}.jsonl"):
                 scores.setdefault(v["model"], {})[v["id"]] = v["score"]
         checked = self.checked(prompts, answers)
-        jobs = sweep_jobs(self.tracking_uri, self.export)
+        run = self.tracking_run()
+        jobs = sweep_jobs(self.tracking_uri, self.export) if run is not None else []
         c = tracking.client(self.tracking_uri)
         curves = {j["run_id"]: {k: [(m.step, m.value) for m in c.get_metric_history(j["run_id"], k)] for k in CURVES}
                   for j in jobs}
+        notes = [f"Evaluation `{self.id}` of this sweep: settings in `{self.out / 'settings.yaml'}`, results beside "
+                 "them."]
+        if run is None:
+            notes.append(f"**MLflow was not updated**: the tracking store `{self.tracking_uri}` has no parent run "
+                         f"`{self.export['parent_run_id']}` for this sweep (a copy evaluated elsewhere?); results and "
+                         "this report are local only, and the sweep table and training curves, which come from "
+                         "MLflow, are empty.")
+        report_root = Path(report_root)
+        sweep_reports = report_root / self.sweep.name
+        listed = evaluations.evaluations(self.sweep)
         inputs = ReportInputs(sweep=self.sweep, parent_run_id=self.export["parent_run_id"], export=self.export,
                               results=results, models=self.models, prompts=prompts, jobs=jobs, curves=curves,
-                              answers=answers, scores=scores, checked=checked)
-        report_dir = Path(report_root) / self.sweep.name
+                              answers=answers, scores=scores, checked=checked, evaluation_id=self.id, notes=notes,
+                              evaluations=evaluations.section(listed, self.id, sweep_reports))
+        report_dir = sweep_reports / self.id
         out = write_report(inputs, report_dir)
-        point_latest(Path(report_root), report_dir)
-        run = tracking.JobRun(self.tracking_uri, self.export["parent_run_id"])
-        for f in (out, report_dir / "training_curves.png", report_dir / "scores.png", results_file):
-            if f.is_file():
-                tracking.with_retry(lambda f=f: run.client.log_artifact(run.run_id, str(f), "report"))
+        evaluations.refresh_others(listed, self.id, sweep_reports)
+        point_latest(report_root, report_dir)
+        if run is not None:
+            for f in (out, report_dir / "training_curves.png", report_dir / "scores.png", results_file,
+                      self.out / "settings.yaml"):
+                if f.is_file():
+                    tracking.with_retry(lambda f=f: run.client.log_artifact(run.run_id, str(f), "report"))
+            run.finish()
         return out
+
+
+def old_job_dir(sweep: Path, export: dict) -> Path | None:
+    """The winner's job folder in an export written before it was recorded: from its best checkpoint's path."""
+    checkpoint, recorded = export["winner"].get("best_checkpoint"), export.get("sweep_dir")
+    if not (checkpoint and recorded):
+        return None
+    relative = Path(relative_to(checkpoint, recorded))
+    return None if relative.is_absolute() else sweep / relative.parent.parent
 
 
 def self_preference(job_cfg: DictConfig) -> dict:
@@ -530,7 +590,7 @@ def point_latest(root: Path, target: Path) -> None:
     link, tmp = root / "latest", root / ".latest.tmp"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
-    tmp.symlink_to(target.name, target_is_directory=True)
+    tmp.symlink_to(os.path.relpath(target, root), target_is_directory=True)
     os.replace(tmp, link)
 
 
@@ -554,6 +614,9 @@ def sweep_jobs(tracking_uri: str, export: dict) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Evaluate a sweep's exported winner against its base on the CPU.")
     parser.add_argument("sweep_dir")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="Hydra-style overrides of evaluation and eval_prompts, e.g. eval_prompts=finetome "
+                             "evaluation.judge.path=/models/flow-judge-v0.1-Q4_K_M.gguf evaluation.quants=[Q8_0]")
     parser.add_argument("--stage", choices=STAGES, action="append", help="run only these stages (repeatable)")
     parser.add_argument("--report-dir", default=None,
                         help="where reports go, one folder per sweep and `latest` (default: report/ in the project)")
@@ -566,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     console.log_to(None)
 
     def evaluate() -> None:
-        ev = Evaluation(args.sweep_dir, uri)
+        ev = Evaluation(args.sweep_dir, uri, args.overrides)
         console.log_to(ev.sweep / "logs" / "evaluation.log")  # libraries' logs; the console keeps orpolab's lines
         llamacpp.route_logs(ev.sweep / "logs" / "llama.cpp.log")
         for stage in args.stage or STAGES:

@@ -64,6 +64,11 @@ class ReportInputs:
     answers: dict[str, dict[int, dict]] = field(default_factory=dict)
     scores: dict[str, dict[int, int]] = field(default_factory=dict)
     checked: dict[str, dict[int, dict[str, bool]]] = field(default_factory=dict)
+    # Which evaluation of the sweep this is, lines to read first about where it was recorded (MLflow or
+    # only here), and the list of the sweep's evaluations (orpolab.evaluate.evaluations.section).
+    evaluation_id: str = ""
+    notes: list[str] = field(default_factory=list)
+    evaluations: list[str] = field(default_factory=list)
 
     @property
     def trained(self) -> tuple[str, ...]:
@@ -366,11 +371,13 @@ def write_report(r: ReportInputs, report_dir: Path) -> Path:
     report_dir.mkdir(parents=True, exist_ok=True)
     plot_curves(r, report_dir / "training_curves.png")
     plot_scores(results, models, report_dir / "scores.png")
-    md = [f"# orpolab report: {r.sweep.name}", "",
+    title = f"{r.sweep.name}, evaluation {r.evaluation_id}" if r.evaluation_id else r.sweep.name
+    md = [f"# orpolab report: {title}", "",
           f"Sweep folder `{r.sweep}`; MLflow parent run `{r.parent_run_id}`.", "",
+          *[f"{n}\n" for n in r.notes],
           *[f"{w}\n" for w in warnings(results)],
           "```", *headline(results, r.export), "```",
-          "", f"Answers: {results['quant']} GGUFs of {', '.join(m for m in models if '@' not in m)}"
+          "", *r.evaluations, "", f"Answers: {results['quant']} GGUFs of {', '.join(m for m in models if '@' not in m)}"
           + "".join(f", {m} at {m.partition('@')[2]}" for m in models if "@" in m) + " on the CPU, generation settings "
           f"`{json.dumps(results['generation'])}`; {results['prompts']} prompts, the judge scored the first "
           f"{results.get('judged_prompts', results['prompts'])}.", "",

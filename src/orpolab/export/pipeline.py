@@ -5,13 +5,18 @@ memory held by the training jobs is freed), or by hand on an existing sweep:
 
     python -m orpolab.export multirun/demo/2026-11-22_10-00-00
     python -m orpolab.export --run-id <MLflow parent run id> --quant Q4_K_M Q8_0
+    python -m orpolab.export multirun/demo/<sweep id> export.quant_types=[Q8_0] export.include_base=false
 
-Everything lands in ``<sweep>/export/`` and on the sweep's MLflow parent run.
+Everything lands in ``<sweep>/export/`` and on the sweep's MLflow parent run. ``export.json`` names its
+files relative to the sweep folder, so the folder can be copied elsewhere and evaluated there. An
+export that is already there, for the same winners and settings, is not made again.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -21,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from orpolab.core import console, tracking
 from orpolab.core.config import DataConfig, ExportConfig, LoraSettings, ModelConfig, settings
 from orpolab.core.errors import OrpolabError
-from orpolab.core.files import write_json_atomic
+from orpolab.core.files import inside, relative_to, write_json_atomic
+from orpolab.core.stage_config import compose_stage
 from orpolab.export import llamacpp
 from orpolab.export.merge import check_disk, merge, parameter_count, with_chat_template
 from orpolab.export.verify import verify_gguf
@@ -98,8 +104,12 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
 
     parent = sweep_parent(tracking_uri, experiment, sweep_dir, parent_run_id)
     sweep = Path(parent.data.tags[tracking.SWEEP_TAG])
-    export_cfg = export_cfg or ExportConfig.from_node(_sweep_export_node(sweep))
+    export_cfg = export_cfg or stage_settings(sweep, [])
     winners = select_winners(tracking_uri, parent)
+    done = up_to_date(sweep, winners, export_cfg)
+    if done is not None:
+        print(f"  export: up to date for these winners and settings ({sweep / 'export' / 'export.json'})", flush=True)
+        return done
     job_cfgs = {label: OmegaConf.load(Path(w.output_dir) / ".hydra" / "config.yaml") for label, w in winners.items()}
     first = next(iter(winners))
     job_cfg = job_cfgs[first]
@@ -146,11 +156,14 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
         checks += [{"model": label, **verify_gguf(hf_model, tokenizer, path, texts, q, export_cfg.verify,
                                                   prompt_texts=prompt_texts)} for q, path in files.items()]
         del hf_model
+        # Paths relative to the sweep folder (files.inside reads them back): the folder can move.
         exported[label] = {
             "run_id": w.run_id, "job": w.job_num, "overrides": w.overrides, "method": w.method,
-            "metric": w.metric, "mode": w.mode, "value": w.value, "best_checkpoint": w.best_checkpoint,
-            "model": model_cfg.name_or_path, "merged_model": str(merged_dir), "adapter": str(out / f"adapter{suffix}"),
-            "gguf": {k: str(v) for k, v in files.items()},
+            "metric": w.metric, "mode": w.mode, "value": w.value,
+            "best_checkpoint": relative_to(w.best_checkpoint, sweep), "job_dir": relative_to(w.output_dir, sweep),
+            "model": model_cfg.name_or_path, "merged_model": relative_to(merged_dir, sweep),
+            "adapter": relative_to(out / f"adapter{suffix}", sweep),
+            "gguf": {k: relative_to(v, sweep) for k, v in files.items()},
         }
     base_files = {}
     if export_cfg.include_base:
@@ -159,22 +172,26 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
         base_dir = with_chat_template(model_cfg, base_model_dir(model_cfg), fallback, out / "base-with-template")
         base_files = gguf_set(base_dir, "base", gguf_dir, export_cfg.quant_types, cache_dir, f"{model_name} base")
     passed = all(c["passed"] for c in checks)
-    summary = {
-        "sweep_dir": str(sweep), "parent_run_id": parent.info.run_id, "passed": passed,
-        "winners": exported,
-        # The first exported model, with the job config the evaluation reads its settings from.
-        "winner": {**exported[first], "label": first, "config": OmegaConf.to_container(job_cfg, resolve=True)},
-        "merged_model": exported[first]["merged_model"], "adapter": exported[first]["adapter"],
-        "gguf": {**{label: e["gguf"] for label, e in exported.items()},
-                 "base": {k: str(v) for k, v in base_files.items()}},
-        "verification": checks,
-    }
     if not passed:
         # A GGUF that is not the trained model must not look like one.
         for check in checks:
             if not check["passed"]:
                 bad = Path(check["gguf"])
                 os.replace(bad, bad.with_suffix(".failed-verification.gguf"))
+    for check in checks:
+        check["gguf"] = relative_to(check["gguf"], sweep)
+    summary = {
+        "parent_run_id": parent.info.run_id, "passed": passed,
+        "winners": exported,
+        # The first exported model; its job folder holds the config the evaluation starts from
+        # (.hydra/), and "config" keeps a resolved copy as a record of what ran where it was trained.
+        "winner": {**exported[first], "label": first, "config": OmegaConf.to_container(job_cfg, resolve=True)},
+        "merged_model": exported[first]["merged_model"], "adapter": exported[first]["adapter"],
+        "gguf": {**{label: e["gguf"] for label, e in exported.items()},
+                 "base": {k: relative_to(v, sweep) for k, v in base_files.items()}},
+        "verification": checks,
+        "settings": plain_settings(export_cfg),
+    }
     write_json_atomic(out / "export.json", summary)
     _log_to_mlflow(tracking_uri, parent.info.run_id, summary, export_cfg)
     print(format_verification(checks), flush=True)
@@ -195,21 +212,38 @@ def format_verification(checks: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _sweep_export_node(sweep: Path):
-    cfg_file = sweep / "multirun.yaml"
-    if cfg_file.is_file():
-        cfg = OmegaConf.load(cfg_file)
-        if "export" in cfg:
-            return OmegaConf.to_container(cfg.export, resolve=False)
-    return None
+def stage_settings(sweep: Path, overrides: list[str]) -> ExportConfig:
+    """The export settings: the sweep's recorded ones, composed with this command's ``export.*`` overrides."""
+    cfg = compose_stage(sweep, None, overrides, ("export",), "python -m orpolab.export")
+    return ExportConfig.from_node(cfg.export)
+
+
+def plain_settings(cfg: ExportConfig) -> dict:
+    """The settings as JSON values, to tell whether an existing export was made with the same ones."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def up_to_date(sweep: Path, winners: dict, cfg: ExportConfig) -> dict | None:
+    """The existing export's summary when it passed, for the same winners and settings, with all its GGUFs."""
+    file = sweep / "export" / "export.json"
+    if not file.is_file():
+        return None
+    summary = json.loads(file.read_text())
+    same = (summary.get("passed") and summary.get("settings") == plain_settings(cfg)
+            and {k: e["run_id"] for k, e in summary.get("winners", {}).items()} == {k: w.run_id for k, w in
+                                                                                     winners.items()})
+    files = [inside(sweep, p) for group in summary.get("gguf", {}).values() for p in group.values()]
+    return summary if same and all(f.is_file() for f in files) else None
 
 
 
 def _log_to_mlflow(tracking_uri: str, parent_run_id: str, summary: dict, cfg: ExportConfig) -> None:
     run = tracking.JobRun(tracking_uri, parent_run_id)
     run.log_dict(summary, "export/export.json")
-    run.set_tags({"orpolab.export_dir": str(Path(summary["merged_model"]).parent),
-                  "orpolab.merged_model": summary["merged_model"], "orpolab.export_passed": str(summary["passed"])})
+    sweep = Path(run.client.get_run(parent_run_id).data.tags[tracking.SWEEP_TAG])
+    merged = inside(sweep, summary["merged_model"])
+    run.set_tags({"orpolab.export_dir": str(merged.parent), "orpolab.merged_model": str(merged),
+                  "orpolab.export_passed": str(summary["passed"])})
     for check in summary["verification"]:
         q = check["quant"] if check.get("model", "winner") == "winner" else f"{check['model']}/{check['quant']}"
         run.log_metrics({f"export/{q}/ppl_ratio": check["ppl_ratio"],
@@ -217,7 +251,7 @@ def _log_to_mlflow(tracking_uri: str, parent_run_id: str, summary: dict, cfg: Ex
                          f"export/{q}/token_id_mismatches": check["token_id_mismatches"]})
     for group in summary["gguf"].values():
         for path in group.values():
-            p = Path(path)
+            p = inside(sweep, path)
             if p.is_file() and p.stat().st_size <= cfg.log_gguf_max_mb * 2**20:
                 tracking.with_retry(lambda p=p: run.client.log_artifact(run.run_id, str(p), "export/gguf"))
 
@@ -226,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export a finished sweep's winner to GGUF (merge, convert, "
                                                  "quantize, verify).")
     parser.add_argument("sweep_dir", nargs="?", help="the sweep folder (multirun/...)")
+    parser.add_argument("overrides", nargs="*", metavar="export.KEY=VALUE",
+                        help="Hydra-style overrides of the export settings, e.g. export.quant_types=[Q8_0]")
     parser.add_argument("--run-id", help="the sweep's MLflow parent run id instead of its folder")
     parser.add_argument("--quant", nargs="+", help="quantization types (default: the sweep's export.quant_types)")
     parser.add_argument("--no-base", action="store_true", help="do not convert the base model")
@@ -237,15 +273,21 @@ def main(argv: list[str] | None = None) -> int:
     console.log_to(None)
     uri = args.tracking_uri or tracking.default_uri()
 
+    if args.sweep_dir and "=" in args.sweep_dir and not Path(args.sweep_dir).is_dir():  # --run-id with overrides
+        args.overrides, args.sweep_dir = [args.sweep_dir, *args.overrides], None
+
     def export() -> None:
-        node = _sweep_export_node(Path(args.sweep_dir)) if args.sweep_dir else None
-        cfg = ExportConfig.from_node(node)
+        from orpolab.core.stage_config import refuse_other_groups
+
+        refuse_other_groups(args.overrides, ("export",), "python -m orpolab.export")
+        parent = sweep_parent(uri, args.experiment, args.sweep_dir, args.run_id)
+        sweep = Path(parent.data.tags[tracking.SWEEP_TAG])
+        cfg = stage_settings(sweep, args.overrides)
         if args.quant:
             cfg = ExportConfig.from_node({**cfg.__dict__, "verify": cfg.verify.__dict__, "quant_types": args.quant})
         if args.no_base:
             cfg.include_base = False
-        parent = sweep_parent(uri, args.experiment, args.sweep_dir, args.run_id)
-        logs = Path(parent.data.tags[tracking.SWEEP_TAG]) / "logs"
+        logs = sweep / "logs"
         console.log_to(logs / "export.log")  # libraries' logs; the console keeps orpolab's lines
         llamacpp.route_logs(logs / "llama.cpp.log")
         export_sweep(uri, args.experiment, args.sweep_dir, args.run_id, cfg)

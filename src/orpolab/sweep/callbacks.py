@@ -127,13 +127,16 @@ class SweepCallback(Callback):
         if not summary["finished"]:
             print("No job finished: nothing to export.", flush=True)
             return
+        # This run's own export and evaluation overrides (the sweep may be re-run with other ones: same sweep).
+        export_overrides, evaluation_overrides = stage_overrides(config)
         stages = [("Export", "Exporting the winner (merge, GGUF, quantize, verify)", "orpolab.export",
-                   [sweep_dir, "--tracking-uri", uri, "--experiment", name],
+                   [sweep_dir, "--tracking-uri", uri, "--experiment", name, *export_overrides],
                    f"rerun it with: python -m orpolab.export {sweep_dir}")]
         if config.get("evaluation") and config.evaluation.enabled:
             stages.append(("Evaluation", "Evaluating winner vs base on the CPU (answers, judge, report)",
                            "orpolab.evaluate",
-                           [sweep_dir, "--tracking-uri", uri, "--report-dir", str(config.paths.report_dir)],
+                           [sweep_dir, "--tracking-uri", uri, "--report-dir", str(config.paths.report_dir),
+                            *evaluation_overrides],
                            f"it resumes where it stopped with: python -m orpolab.evaluate {sweep_dir}"))
         launcher = str(config.hydra.launcher.get("_target_", ""))
         if "submitit" in launcher:
@@ -144,6 +147,19 @@ class SweepCallback(Callback):
             failure = run_post_stages(stages)
             if failure:
                 outcome.failures.append(failure)
+
+
+def stage_overrides(config: DictConfig) -> tuple[list[str], list[str]]:
+    """The command line's overrides of the export's and of the evaluation's settings, for their stages.
+
+    They are not part of the sweep's identity, so a re-run with other ones finds the same sweep; the
+    stages compose them onto the winner's recorded config (``orpolab.core.stage_config``).
+    """
+    from orpolab.core.stage_config import override_group
+
+    task = [str(o) for o in config.hydra.overrides.task]
+    return ([o for o in task if override_group(o) == "export"],
+            [o for o in task if override_group(o) in ("evaluation", "eval_prompts")])
 
 
 def jobs_failure(unfinished: list[dict], jobs: list[dict]) -> str:

@@ -50,6 +50,7 @@ def stop_unless_valid(config: DictConfig) -> None:
 
 def check_sweep(config: DictConfig) -> None:
     """Raise an :class:`OrpolabError` naming each problem and the first job that has it (see module doc)."""
+    refuse_swept_post_training(config)
     jobs = job_overrides(config)
     if jobs is None:
         problems = problems_of(config)
@@ -67,6 +68,17 @@ def check_sweep(config: DictConfig) -> None:
             found[problem].append(num)
     if found:
         raise OrpolabError("; ".join(f"{problem}, in {where(nums, jobs)}" for problem, nums in found.items()))
+
+
+def refuse_swept_post_training(config: DictConfig) -> None:
+    """Export and evaluation settings act after training, once per sweep: a list of them is no sweep of jobs."""
+    from orpolab.core.stage_config import is_post_training, is_sweep_override
+
+    swept = [str(o) for o in config.hydra.overrides.task if is_post_training(str(o)) and is_sweep_override(str(o))]
+    if swept:
+        raise OrpolabError(f"{' '.join(swept)}: export and evaluation settings cannot be swept (they act after "
+                           "training, once per sweep); evaluate the sweep again with other settings instead: "
+                           "python -m orpolab.evaluate <sweep folder> key=value ...")
 
 
 def job_overrides(config: DictConfig) -> list[list[str]] | None:

@@ -5,11 +5,15 @@ command line, else ``sweep-`` and a hash of
 
 - the command-line overrides (sorted; the sweep's lists included, e.g. ``orpo.beta=0.05,0.1``), and
 - the composed config they apply to, resolved, without ``hydra``, ``paths`` (where the project
-  lives on this machine) and ``sweep_id`` itself.
+  lives on this machine) and ``sweep_id`` itself,
 
-So re-running a command finds its sweep folder and MLflow parent run again (finished jobs are
-skipped, interrupted ones resumed); editing a YAML file under ``conf/`` that the sweep uses, or
-any override, starts a new sweep. Code changes do not: pass ``sweep_id=<name>`` for a fresh one.
+both without the settings that act only after training (``export``, ``evaluation``, ``eval_prompts``:
+:data:`orpolab.core.config.POST_TRAINING`) and without the overrides of them. So re-running a command
+finds its sweep folder and MLflow parent run again (finished jobs are skipped, interrupted ones
+resumed), also with other export or evaluation settings, which the post-sweep stages then use;
+editing a YAML file under ``conf/`` that shapes training, or any other override, starts a new sweep.
+``selection`` stays in the identity: besides ranking the jobs afterwards, it decides which checkpoint
+each job keeps while it trains. Code changes do not count: pass ``sweep_id=<name>`` for a fresh sweep.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ import json
 
 from omegaconf import DictConfig, OmegaConf
 
+from orpolab.core.config import POST_TRAINING
+from orpolab.core.stage_config import is_post_training
+
 RESOLVER = "orpolab_sweep_id"
-EXCLUDED = ("hydra", "paths", "sweep_id")
+EXCLUDED = ("hydra", "paths", "sweep_id", *POST_TRAINING)
 
 
 def derive(root: DictConfig) -> str:
@@ -28,7 +35,8 @@ def derive(root: DictConfig) -> str:
     given = root.get("sweep_id")
     if given:
         return str(given)
-    overrides = sorted(str(o) for o in root.hydra.overrides.task) if "hydra" in root else []
+    task = root.hydra.overrides.task if "hydra" in root else []
+    overrides = sorted(str(o) for o in task if not is_post_training(str(o)))
     body = {}
     for key in root:
         if key in EXCLUDED:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from orpolab.core import console, tracking
 from orpolab.core.config import DataConfig, LoraSettings, MethodConfig, ModelConfig, OptimConfig, settings
 from orpolab.core.errors import OrpolabError
-from orpolab.core.files import write_json_atomic
+from orpolab.core.files import relative_to, write_json_atomic
 from orpolab.core.machine import available_cores
 from orpolab.core.validate import validate
 from orpolab.train.checkpoints import AtomicCheckpointIO, remove_partial_saves
@@ -271,10 +271,11 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
         )
     best = float(checkpoint.best_model_score)
     job.log_metrics({f"best/{cfg.selection.metric}": best}, step=trainer.global_step)
+    # Checkpoints relative to the job's folder (the one holding result.json), so a sweep folder can move.
     result = {
         "run_id": job.run_id, "selection_metric": cfg.selection.metric, "selection_mode": str(cfg.selection.mode),
-        "best_value": best, "best_checkpoint": checkpoint.best_model_path,
-        "last_checkpoint": latest.best_model_path,
+        "best_value": best, "best_checkpoint": relative_to(checkpoint.best_model_path, output_dir),
+        "last_checkpoint": relative_to(latest.best_model_path, output_dir),
         "global_step": trainer.global_step, "model": model_cfg.name_or_path, "data_hash": data.data_hash,
     }
     job.set_tags({"orpolab.best_checkpoint": checkpoint.best_model_path})
