@@ -112,7 +112,7 @@ def check(cfg: DictConfig, groups: Sequence[str]) -> None:
 
     for group in groups:
         settings(SCHEMAS[group], cfg[group], group)
-    problems = post_training_problems(cfg)
+    problems = post_training_problems(cfg, tuple(groups))
     if problems:
         raise OrpolabError("; ".join(problems))
 

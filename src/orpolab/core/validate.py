@@ -43,8 +43,9 @@ def problems_of(cfg: DictConfig) -> list[str]:
     return [problem for check in CHECKS for problem in check(c)]
 
 
-def post_training_problems(cfg: DictConfig) -> list[str]:
-    """The problems of the export and evaluation settings alone (``python -m orpolab.export`` / ``evaluate``).
+def post_training_problems(cfg: DictConfig, groups: tuple[str, ...] = ("export", "evaluation")) -> list[str]:
+    """The problems of the export settings or the evaluation settings alone (``python -m orpolab.export`` /
+    ``evaluate``): a stage checks its own, so the export is not refused for an evaluation setting.
 
     The training groups are a finished job's and are not checked again: on another machine its local
     model folder need not exist, and the evaluation does not need it.
@@ -56,6 +57,8 @@ def post_training_problems(cfg: DictConfig) -> list[str]:
              for key in POST_TRAINING}
     except OmegaConfBaseException as err:
         return [describe(err)]
+    if "evaluation" not in groups:
+        return export_problems(c["export"]["quant_types"])
     return [problem for check in (_export, _evaluation) for problem in check(c)]
 
 

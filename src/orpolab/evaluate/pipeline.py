@@ -622,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where reports go, one folder per sweep and `latest` (default: report/ in the project)")
     parser.add_argument("--tracking-uri", default=None)
     console.add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     root = Path(os.environ.get("ORPOLAB_ROOT", Path.cwd()))
     uri = args.tracking_uri or tracking.default_uri()
     console.quiet_libraries()

@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the project's mlflow.db)")
     parser.add_argument("--experiment", default="orpolab")
     console.add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     console.quiet_libraries()
     console.log_to(None)
     uri = args.tracking_uri or tracking.default_uri()
