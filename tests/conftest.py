@@ -108,7 +108,7 @@ def sweep(warm_llama, tmp_path_factory):
                      env_extra={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout, "stderr": proc.stderr,
-            "returncode": proc.returncode, "report": tmp / "report" / "sweep" / "report.md"}
+            "returncode": proc.returncode, "report": (tmp / "report" / "latest" / "report.md").resolve()}
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +122,15 @@ def method_sweep(warm_llama, tmp_path_factory):
                       f"hydra.sweep.dir={tmp / 'sweep'}", f"paths.report_dir={tmp / 'report'}", *EVAL_SMALL],
                      env_extra={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout, "report": tmp / "report" / "sweep" / "report.md"}
+    return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout,
+            "report": (tmp / "report" / "latest" / "report.md").resolve()}
+
+
+def evaluation_dir(sweep_dir: Path) -> Path:
+    """The folder of a sweep's only evaluation (``<sweep>/evaluation/<evaluation id>/``)."""
+    found = [f for f in (Path(sweep_dir) / "evaluation").iterdir() if f.is_dir()]
+    assert len(found) == 1, found
+    return found[0]
 
 
 def private_copy(shared: dict, tmp_path: Path, name: str = "sweep") -> dict:

@@ -15,6 +15,8 @@ from orpolab.core.errors import OrpolabError
 from orpolab.core.files import read_jsonl
 from orpolab.evaluate.judge import LlamaCppFlowJudge, metric_by_name, resolve_judge_file, verdict_grammar
 
+from .conftest import evaluation_dir
+
 
 def evaluate_cli(sweep: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "orpolab.evaluate", str(sweep["dir"]), *args],
@@ -62,8 +64,8 @@ def test_judge_file_must_exist_and_be_gguf(tmp_path):
 
 def test_stages_alone_resume_and_report(own_sweep, tmp_path):
     sweep = own_sweep
+    out = evaluation_dir(sweep["dir"])  # the same settings: the same evaluation, in the same folder
     shutil.rmtree(sweep["dir"] / "evaluation")  # the hook evaluated already: start these stages afresh
-    out = sweep["dir"] / "evaluation"
     proc = evaluate_cli(sweep, "--stage", "generate")
     assert proc.returncode == 0, proc.stderr[-2000:]
     answers = read_jsonl(out / "answers-winner.jsonl")
@@ -98,20 +100,23 @@ def test_stages_alone_resume_and_report(own_sweep, tmp_path):
     report_dir = tmp_path / "report"
     proc = evaluate_cli(sweep, "--stage", "report", "--report-dir", str(report_dir))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    text = (report_dir / sweep["dir"].name / "report.md").read_text()
+    reports = report_dir / sweep["dir"].name / out.name
+    text = (reports / "report.md").read_text()
     for section in ("## Data", "## Sweep", "## Training curves", "## Export verification", "## Judge",
                     "Judge calibration", "## Scores", "## What quantization costs", "## How the answers end",
                     "Length sensitivity", "## Per prompt", "STAND-IN"):
         assert section in text, section
-    assert (report_dir / sweep["dir"].name / "training_curves.png").stat().st_size > 10_000
-    assert (report_dir / sweep["dir"].name / "scores.png").stat().st_size > 5_000
+    assert (reports / "training_curves.png").stat().st_size > 10_000
+    assert (reports / "scores.png").stat().st_size > 5_000
     # The sweep table's numbers are the MLflow runs' numbers.
     client = MlflowClient(sweep["uri"])
     export = json.loads((sweep["dir"] / "export" / "export.json").read_text())
-    for run in client.search_runs(["1"], filter_string=f"tags.`mlflow.parentRunId` = '{export['parent_run_id']}'"):
+    children = client.search_runs(["1"], filter_string=f"tags.`mlflow.parentRunId` = '{export['parent_run_id']}'")
+    for run in (r for r in children if r.data.tags["orpolab.role"] == "job"):
         assert f"| {run.data.metrics['best/val/chosen_bpb']:.4f} |" in text
-    artifacts = {a.path for a in client.list_artifacts(export["parent_run_id"], "report")}
-    assert "report/report.md" in artifacts
+    # The report is logged on the evaluation's own run, nested under the sweep's parent run.
+    (evaluation,) = [r for r in children if r.data.tags.get("orpolab.evaluation_id") == out.name]
+    assert "report/report.md" in {a.path for a in client.list_artifacts(evaluation.info.run_id, "report")}
 
 
 def test_empty_prompt_set_is_a_clear_error(sweep, tmp_path):

@@ -90,8 +90,10 @@ def test_merged_model_logits_equal_base_plus_adapter(sweep):
     summary = json.loads((sweep["dir"] / "export" / "export.json").read_text())
     cfg = summary["winner"]["config"]
     model_cfg, lora_cfg = ModelConfig(**cfg["model"]), LoraSettings(**cfg["lora"])
-    adapted = build_adapted(model_cfg, lora_cfg, summary["winner"]["best_checkpoint"], torch.float32)
-    merged = AutoModelForCausalLM.from_pretrained(summary["merged_model"], dtype=torch.float32).eval()
+    # Paths in export.json are relative to the sweep folder.
+    best = str(sweep["dir"] / summary["winner"]["best_checkpoint"])
+    adapted = build_adapted(model_cfg, lora_cfg, best, torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(sweep["dir"] / summary["merged_model"], dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=torch.float32).eval()
     ids = torch.tensor([[1, 3, 50, 60, 70, 4, 17, 17, 80, 90]])
     with torch.no_grad():
@@ -299,14 +301,15 @@ def test_exported_adapter_is_the_best_checkpoint_not_the_last(tiny_models, track
     run(compose(["experiment=demo", RANDOM_TINY, "trainer.max_steps=20", "trainer.val_check_interval=10",
                  "trainer.enable_progress_bar=false", "selection.mode=max"], tmp_path / "job"))
     result = json.loads((tmp_path / "job" / "result.json").read_text())
-    assert Path(result["best_checkpoint"]).name == "best-step10.ckpt"
+    best_file, last_file = (str(tmp_path / "job" / result[k]) for k in ("best_checkpoint", "last_checkpoint"))
+    assert Path(best_file).name == "best-step10.ckpt"
     parent = MlflowClient(tracking_uri).search_runs(["1"])[0]
-    assert parent.data.tags["orpolab.best_checkpoint"] == result["best_checkpoint"]
-    best, last = load_adapter_state(result["best_checkpoint"]), load_adapter_state(result["last_checkpoint"])
+    assert Path(parent.data.tags["orpolab.best_checkpoint"]).resolve() == Path(best_file).resolve()
+    best, last = load_adapter_state(best_file), load_adapter_state(last_file)
     model = build_adapted(ModelConfig(name_or_path=str(TINY_DIR / "tiny_llama"),
                                       lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                            "up_proj", "down_proj"]),
-                          LoraSettings(r=16, alpha=32), result["best_checkpoint"], torch.float32)
+                          LoraSettings(r=16, alpha=32), best_file, torch.float32)
     key = max(best, key=lambda k: (best[k] - last[k]).abs().max().item())
     assert (best[key] - last[key]).abs().max() > 0
     loaded = dict(model.named_parameters())[key]

@@ -14,7 +14,7 @@ from orpolab.train.job import run
 from orpolab.train.model import apply_lora, load_model, load_tokenizer
 from orpolab.train.module import PreferenceModule
 
-from .conftest import RANDOM_TINY, ROOT, TINY_DIR, compose
+from .conftest import RANDOM_TINY, ROOT, TINY_DIR, compose, evaluation_dir
 
 FAST = ["experiment=demo", RANDOM_TINY, "trainer.enable_progress_bar=false"]
 
@@ -142,7 +142,7 @@ def test_mixed_method_sweep_exports_each_methods_best_and_reports_them_against_b
     assert (sweep_dir / "export" / "gguf" / "base-Q4_K_M.gguf").is_file()
 
     # Every model answered and was judged; each trained model is compared with the base.
-    out = sweep_dir / "evaluation"
+    out = evaluation_dir(sweep_dir)
     results = json.loads((out / "results.json").read_text())
     assert results["models_order"] == ["base", *methods]
     for label in ["base", *methods]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from .conftest import run_train
+from .conftest import evaluation_dir, run_train
 
 
 def test_smollm2_trains_exports_with_identical_bpe_ids_and_is_evaluated(smollm2, tmp_path):
@@ -30,11 +30,11 @@ def test_smollm2_trains_exports_with_identical_bpe_ids_and_is_evaluated(smollm2,
     assert set(checks) == {"F16", "Q4_K_M"}
     assert all(c["token_id_mismatches"] == 0 and c["texts"] == 4 for c in checks.values())
     assert checks["F16"]["ppl_ratio"] < 1.02 and checks["F16"]["top1_agreement"] > 0.97
-    results = json.loads((sweep / "evaluation" / "results.json").read_text())
+    results = json.loads((evaluation_dir(sweep) / "results.json").read_text())
     assert results["models_order"] == ["base", "winner", "winner@F16"]
     assert all(results["models"][m]["answered"] == 3 for m in results["models_order"])
     assert results["self_preference"]["same"] and "SmolLM2" in results["judge"]
     cal = results["calibration"]["metrics"]["RESPONSE_CORRECTNESS_5POINT"]
     assert (cal["counts"]["pairs"], cal["counts"]["checkable"], cal["counts"]["verdicts"]) == (2, 2, 8)
-    report = (tmp_path / "report" / "sweep" / "report.md").read_text()
+    report = (tmp_path / "report" / "latest" / "report.md").read_text()
     assert "Self-preference warning" in report and "## What quantization costs" in report

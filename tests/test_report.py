@@ -13,7 +13,7 @@ from orpolab.evaluate.judge import metric_by_name
 from orpolab.evaluate.pipeline import self_preference
 from orpolab.evaluate.report import held_out_cell, warnings
 
-from .conftest import compose, private_copy
+from .conftest import compose, evaluation_dir, private_copy
 
 
 def test_self_preference_warning_for_a_phi3_candidate_under_a_phi3_judge(tmp_path):
@@ -52,17 +52,18 @@ def test_a_row_shows_its_best_checkpoint_and_the_last_evaluation_beside_it():
 
 def test_two_sweeps_keep_two_reports_and_latest_points_at_the_newest(sweep, tmp_path):
     reports = tmp_path / "report"
+    evaluation = evaluation_dir(sweep["dir"]).name  # copies evaluated with the same settings: the same id
     for name in ("sweep-a", "sweep-b"):
         copy = private_copy(sweep, tmp_path, name)
         proc = subprocess.run([sys.executable, "-m", "orpolab.evaluate", str(copy["dir"]), "--stage", "report",
                                "--report-dir", str(reports)], capture_output=True, text=True,
                               env={**os.environ, "MLFLOW_TRACKING_URI": copy["uri"]})
         assert proc.returncode == 0, proc.stderr[-2000:]
-        assert proc.stdout.strip().endswith(f"report: {reports / name / 'report.md'}")
-    a, b = (reports / n / "report.md" for n in ("sweep-a", "sweep-b"))
+        assert proc.stdout.strip().endswith(f"report: {reports / name / evaluation / 'report.md'}")
+    a, b = (reports / n / evaluation / "report.md" for n in ("sweep-a", "sweep-b"))
     assert "# orpolab report: sweep-a" in a.read_text() and "# orpolab report: sweep-b" in b.read_text()
-    assert (reports / "latest").resolve() == (reports / "sweep-b").resolve()
-    assert json.loads((sweep["dir"] / "evaluation" / "results.json").read_text())["prompts"] == 6
+    assert (reports / "latest").resolve() == (reports / "sweep-b" / evaluation).resolve()
+    assert json.loads((evaluation_dir(sweep["dir"]) / "results.json").read_text())["prompts"] == 6
 
 
 def test_evaluation_prompts_found_in_the_training_data_are_called_a_leak():
