@@ -52,39 +52,37 @@ def test_search_space_reads_hydras_sweep_syntax():
 
 
 def test_search_prunes_fails_and_exports_the_best_unpruned_trial(tiny_models, tracking_uri, tmp_path):
-    # Trials 0 and 1 learn; trial 2's rate is far too low to learn in 3 steps, so at step 3 it is worse than
-    # the median of the two (the pruner's start: 2 complete trials, from step 1); trial 3's loss turns NaN;
-    # trial 4 is TPE's.
+    # Trials 0 and 1 learn; trial 2's loss turns NaN; trial 3's rate is far too low to learn in 3 steps, so at
+    # step 3 it is worse than the median of trials 0 and 1 (the pruner starts after 2 complete trials, from step 1).
     sweep = tmp_path / "sweep"
-    proc = run_train([*SEARCH, "hydra.sweeper.n_trials=5",
-                      "hydra.sweeper.enqueue=[{optim.lr:2e-3},{optim.lr:3e-3},{optim.lr:1e-7},{optim.lr:1e30}]",
+    proc = run_train([*SEARCH, "hydra.sweeper.n_trials=4",
+                      "hydra.sweeper.enqueue=[{optim.lr:2e-3},{optim.lr:3e-3},{optim.lr:1e30},{optim.lr:1e-7}]",
                       "export.quant_types=[]", "export.include_base=false", "export.verify.num_texts=2",
                       f"hydra.sweep.dir={sweep}"])
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     trials = {t.number: t for t in study_of(sweep).trials}
     runs = {int(r.data.tags["orpolab.job_num"]): r for r in job_runs(tracking_uri)}
     # One MLflow run per trial, numbered as the trial, with its sampled value.
-    assert sorted(trials) == sorted(runs) == [0, 1, 2, 3, 4]
+    assert sorted(trials) == sorted(runs) == [0, 1, 2, 3]
     for number, trial in trials.items():
         assert float(runs[number].data.params["optim.lr"]) == trial.params["optim.lr"]
         assert runs[number].data.tags["orpolab.trial"] == str(number)
     states = {n: t.state.name for n, t in trials.items()}
-    assert states[0] == states[1] == "COMPLETE" and states[2] == "PRUNED" and states[3] == "FAIL"
-    assert states[4] in ("COMPLETE", "PRUNED")
+    assert states == {0: "COMPLETE", 1: "COMPLETE", 2: "FAIL", 3: "PRUNED"}
     # The objective is each trial's best selection value, as MLflow and the job's result.json hold it.
     for number in [n for n, s in states.items() if s == "COMPLETE"]:
         assert trials[number].value == pytest.approx(runs[number].data.metrics["best/val/chosen_bpb"], rel=1e-9)
         result = json.loads((sweep / str(number) / "result.json").read_text())
         assert trials[number].value == pytest.approx(result["best_value"], rel=1e-9)
     # Pruned at step 3, worse than the median of the complete trials there: KILLED in MLflow, with the step.
-    pruned = trials[2]
+    pruned = trials[3]
     assert sorted(pruned.intermediate_values) == [3]
     assert pruned.intermediate_values[3] > statistics.median([trials[n].intermediate_values[3] for n in (0, 1)])
-    assert runs[2].info.status == "KILLED" and runs[2].data.tags["orpolab.pruned_at_step"] == "3"
-    assert not (sweep / "2" / "result.json").exists()
-    # NaN: failed in both, with the reason, and the search went on to trial 4.
-    assert runs[3].info.status == "FAILED" and "nan" in runs[3].data.tags["orpolab.error"]
-    assert "nan" in trials[3].user_attrs["error"]
+    assert runs[3].info.status == "KILLED" and runs[3].data.tags["orpolab.pruned_at_step"] == "3"
+    assert not (sweep / "3" / "result.json").exists()
+    # NaN: failed in both, with the reason, and the search went on to trial 3.
+    assert runs[2].info.status == "FAILED" and "nan" in runs[2].data.tags["orpolab.error"]
+    assert "nan" in trials[2].user_attrs["error"]
     # The winner is the best complete trial, and it was exported.
     complete = [t for t in trials.values() if t.state.name == "COMPLETE"]
     best = min(complete, key=lambda t: t.value)
@@ -96,7 +94,37 @@ def test_search_prunes_fails_and_exports_the_best_unpruned_trial(tiny_models, tr
     summary = json.loads((sweep / "search.json").read_text())
     assert summary["best"]["number"] == best.number
     assert f"optim.lr={best.params['optim.lr']!r}" in summary["best"]["command"]
-    assert "Search sweep: 5 trial(s):" in proc.stdout and "1 fail" in proc.stdout
+    assert "Search sweep: 4 trial(s): 2 complete, 1 pruned, 1 fail." in proc.stdout
+
+    # Run again: every trial is final, so nothing trains; the pruned and the failed trial are not resumed.
+    again = run_train([*SEARCH, "hydra.sweeper.n_trials=4", "export.enabled=false", f"hydra.sweep.dir={sweep}"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" not in again.stdout and "Launching" not in again.stdout
+    assert {t.number: t.state.name for t in study_of(sweep).trials} == states
+    rerun = {int(r.data.tags["orpolab.job_num"]): r for r in job_runs(tracking_uri)}
+    assert sorted(rerun) == [0, 1, 2, 3] and rerun[3].info.status == "KILLED"
+    assert "orpolab.attempts" not in rerun[3].data.tags
+
+    # The report's search section: Optuna's plots and a row per trial, the best one marked.
+    from orpolab.evaluate import search_report
+
+    md = search_report.write(sweep, tmp_path / "report").read_text()
+    for png in ("search_history.png", "search_importances.png", "search_slice.png"):
+        assert f"]({png})" in md and (tmp_path / "report" / png).stat().st_size > 1000
+    assert f"| **{best.number}** | complete |" in md and "| 3 | pruned | 1e-07 |" in md
+    command = json.loads((sweep / "search.json").read_text())["best"]["command"]  # the latest command's
+    assert f"**Best trial {best.number}**" in md and command in md and "export.enabled=false" in command
+
+
+def test_pruned_and_confirmation_runs_never_win():
+    from orpolab.export.winners import Candidate, rank
+
+    def cand(job: int, value: float, status: str = "FINISHED", confirm_of: str | None = None) -> Candidate:
+        return Candidate(run_id=f"r{job}", job_num=job, status=status, value=value, best_checkpoint=None,
+                         output_dir=None, overrides="", start_time=job, confirm_of=confirm_of)
+
+    ranking = rank([cand(0, 2.0), cand(1, 0.5, "KILLED"), cand(2, 1.0), cand(3, 0.9, confirm_of="2")], "min")
+    assert [c.job_num for c in ranking] == [2, 0]
 
 
 def test_a_killed_search_resumes_its_trial_and_ends_with_exactly_n_trials(tiny_models, tracking_uri, tmp_path):

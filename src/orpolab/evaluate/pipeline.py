@@ -447,7 +447,8 @@ class Evaluation:
         out = write_report(inputs, report_dir)
         point_latest(Path(report_root), report_dir)
         run = tracking.JobRun(self.tracking_uri, self.export["parent_run_id"])
-        for f in (out, report_dir / "training_curves.png", report_dir / "scores.png", results_file):
+        for f in (out, report_dir / "training_curves.png", report_dir / "scores.png", results_file,
+                  *sorted(report_dir.glob("search_*.png"))):
             if f.is_file():
                 tracking.with_retry(lambda f=f: run.client.log_artifact(run.run_id, str(f), "report"))
         return out

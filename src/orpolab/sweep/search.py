@@ -67,6 +67,7 @@ class SearchSweeper(Sweeper):
         self.config: DictConfig | None = None
         self.launcher = None
         self.hydra_context: HydraContext | None = None
+        self.storage_url = ""
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context
@@ -97,7 +98,9 @@ class SearchSweeper(Sweeper):
         try:
             study = self.load_study(sweep_dir)
             returns = self.run_study(study, fixed, space)
-            write_json_atomic(sweep_dir / SUMMARY_FILE, summarize(study, fixed, self.config))
+            summary = {**summarize(study, fixed, self.config), "storage": self.storage_url}
+            write_json_atomic(sweep_dir / SUMMARY_FILE, summary)
+            self.log_to_parent(summary)
             print(format_search(study), flush=True)
             return returns
         finally:
@@ -111,6 +114,7 @@ class SearchSweeper(Sweeper):
         optuna.logging.disable_default_handler()  # Optuna's per-trial lines go to the log file
         optuna.logging.enable_propagation()
         url, name = study_location({"storage": self.storage, "study_name": self.study_name}, str(sweep_dir))
+        self.storage_url = url
         storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}) \
             if url.startswith("sqlite") else url
         mode = str(self.config.selection.mode)
@@ -157,7 +161,9 @@ class SearchSweeper(Sweeper):
         for group in contiguous(sorted(stale, key=lambda t: t.number)):
             returns += self.launch(study, group, fixed)
         while True:
-            counted = [t for t in study.get_trials(deepcopy=False) if CONFIRM not in t.user_attrs]
+            # Enqueued trials wait to be asked (ask() hands them out first); they count once they run.
+            counted = [t for t in study.get_trials(deepcopy=False)
+                       if CONFIRM not in t.user_attrs and t.state != TrialState.WAITING]
             left = self.n_trials - len(counted)
             if left <= 0:
                 break
@@ -222,6 +228,27 @@ class SearchSweeper(Sweeper):
             trial = optuna.trial.Trial(study, trial._trial_id)
         trial.set_user_attr("error", error[:500] or "the job returned no value")
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+
+    def log_to_parent(self, summary: dict) -> None:
+        """The search on the sweep's MLflow parent run: the study, its best trial, and search.json."""
+        mlcfg = self.config.logger.mlflow
+        exp = tracking.client(mlcfg.tracking_uri).get_experiment_by_name(mlcfg.experiment_name)
+        sweep_dir = str(Path(str(self.config.hydra.sweep.dir)).resolve())
+        parent = tracking.find_sweep_run(mlcfg.tracking_uri, exp.experiment_id, sweep_dir) if exp else None
+        if parent is None:  # no trial ran in this command nor before
+            return
+        run = tracking.JobRun(mlcfg.tracking_uri, parent.info.run_id)
+        run.log_dict(summary, f"search/{SUMMARY_FILE}")
+        states = [t["state"] for t in summary["trials"] if t["confirm_of"] is None]
+        run.log_metrics({f"search/trials_{s.lower()}": states.count(s) for s in ("COMPLETE", "PRUNED", "FAIL")})
+        run.set_tags({"orpolab.study": summary["study"], "orpolab.study_storage": summary["storage"]})
+        best = summary["best"]
+        if best is not None:
+            run.set_tags({"orpolab.search_best_trial": str(best["number"])})
+            run.log_metrics({"search/best_value": best["value"]})
+            if best["spread"]:
+                spread = best["spread"]
+                run.log_metrics({"search/confirm_mean": spread["mean"], "search/confirm_sd": spread["sd"]})
 
     def job_run(self, number: int):
         """The trial's MLflow run (by job number, under the sweep's parent run), or None."""

@@ -256,6 +256,7 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
         confirm_of = handle.user_attrs.get("confirm_of")  # a re-run of the best trial with another seed
         callbacks.append(PruningReporter(handle, cfg.selection.metric, prune=confirm_of is None))
         job.set_tags({"orpolab.trial": str(trial.number), "orpolab.study": trial.study,
+                      **{f"orpolab.search.{k}": str(v) for k, v in handle.params.items()},
                       **({"orpolab.confirm_of": str(confirm_of)} if confirm_of is not None else {})})
     log.info("callbacks: %s", ", ".join(type(c).__name__ for c in callbacks))
     checkpoints = [c for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint)]
