@@ -129,7 +129,7 @@ def test_pruned_and_confirmation_runs_never_win():
 
 def test_a_killed_search_resumes_its_trial_and_ends_with_exactly_n_trials(tiny_models, tracking_uri, tmp_path):
     sweep = tmp_path / "sweep"
-    args = [*SEARCH, "hydra.sweeper.n_trials=3", "hydra.sweeper.pruner=null", "export.enabled=false",
+    args = [*SEARCH, "hydra.sweeper.n_trials=3", "hydra/sweeper/pruner=none", "export.enabled=false",
             f"hydra.sweep.dir={sweep}"]
     # Killed once trial 1 has its first checkpoint (step 3 of 6).
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, start_new_session=True,
@@ -157,3 +157,13 @@ def test_a_killed_search_resumes_its_trial_and_ends_with_exactly_n_trials(tiny_m
     for t in trials:  # each trial kept its own values and got its own job's value
         assert float(by_num[t.number].data.params["optim.lr"]) == t.params["optim.lr"]
         assert t.value == pytest.approx(by_num[t.number].data.metrics["best/val/chosen_bpb"], rel=1e-9)
+
+
+def test_a_range_reaching_an_invalid_value_stops_the_search_before_any_trial(tiny_models, tracking_uri, tmp_path):
+    proc = run_train(["-m", "hydra/sweeper=orpolab_optuna", "orpo.beta=interval(-1, 1)", "experiment=demo",
+                      RANDOM_TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == ("error: orpo.beta must be positive, got -1.0 (method orpo), in "
+                                                    "the search's range (orpo.beta=-1.0)")
+    assert not (tmp_path / "sweep" / "optuna.db").exists() and not (tmp_path / "sweep" / "0").exists()
+    assert MlflowClient(tracking_uri).search_runs(["1"]) == []

@@ -130,15 +130,28 @@ class SearchSweeper(Sweeper):
         return study
 
     def check_composes(self, fixed: list[str], space: dict) -> None:
-        """Compose one job's config before any trial exists: a misspelt key stops the search here."""
+        """Compose and check trial configs at the ends of every range before any trial exists.
+
+        A misspelt key, or a range that reaches an invalid value (a negative beta), stops the search
+        here with the problem named, instead of failing trial after trial (orpolab.core.validate).
+        """
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
-        probe = fixed + [search_space.as_override(key, first_value(dist)) for key, dist in space.items()]
-        try:
-            self.validate_batch_is_legal([probe])
-        except (HydraException, OmegaConfBaseException) as err:
-            raise OrpolabError(f"a trial's config does not compose: {' '.join(str(err).split())}") from err
+        from orpolab.core.validate import problems_of
+
+        base = {key: first_value(dist) for key, dist in space.items()}
+        probes = [base] + [{**base, key: value} for key, dist in space.items() for value in ends(dist)[1:]]
+        loader = self.hydra_context.config_loader
+        for values in probes:
+            overrides = fixed + [search_space.as_override(k, v) for k, v in values.items()]
+            try:
+                problems = problems_of(loader.load_sweep_config(self.config, overrides))
+            except (HydraException, OmegaConfBaseException) as err:
+                problems = [" ".join(str(err).split())]
+            if problems:
+                shown = " ".join(search_space.as_override(k, v) for k, v in values.items())
+                raise OrpolabError(f"{'; '.join(problems)}, in the search's range ({shown})")
 
     def batch_size(self) -> int:
         """Trials launched together: the joblib launcher's ``n_jobs``, else one at a time."""
@@ -268,6 +281,11 @@ def shlex_join(parts: list[str]) -> str:
 def first_value(dist) -> Any:
     """A value inside a distribution, to compose a probe config with."""
     return dist.choices[0] if hasattr(dist, "choices") else dist.low
+
+
+def ends(dist) -> list:
+    """The values a range's checks try: its ends, or every choice (at most 10)."""
+    return list(dist.choices[:10]) if hasattr(dist, "choices") else [dist.low, dist.high]
 
 
 def contiguous(trials: list) -> list[list]:
