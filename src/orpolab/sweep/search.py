@@ -57,7 +57,7 @@ class SearchSweeper(Sweeper):
 
     def __init__(self, n_trials: int = 8, params: Any = None, sampler: Any = None, pruner: Any = None,
                  storage: str | None = None, study_name: str | None = None, confirm_seeds: int = 0,
-                 enqueue: Any = None, **_: Any):
+                 enqueue: Any = None):
         self.n_trials, self.params, self.confirm_seeds = int(n_trials), params, int(confirm_seeds)
         # Values to try first (Optuna's enqueue_trial), e.g. a known good setting: only into a new study.
         self.enqueue = [dict(OmegaConf.to_container(e, resolve=True) if isinstance(e, DictConfig) else e)
@@ -215,7 +215,8 @@ class SearchSweeper(Sweeper):
         for trial in trials:
             values = [search_space.as_override(k, v) for k, v in trial.params.items()]
             seed = trial.user_attrs.get("seed")
-            overrides.append(fixed + values + ([f"seed={seed}"] if seed is not None else []))
+            shared = [o for o in fixed if not o.startswith("seed=")] if seed is not None else fixed
+            overrides.append(shared + values + ([f"seed={seed}"] if seed is not None else []))
         returns = list(self.launcher.launch(overrides, initial_job_idx=trials[0].number))
         for trial, ret in zip(trials, returns, strict=True):
             self.tell(study, trial, ret)
