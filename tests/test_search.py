@@ -167,3 +167,16 @@ def test_a_range_reaching_an_invalid_value_stops_the_search_before_any_trial(tin
                                                     "the search's range (orpo.beta=-1.0)")
     assert not (tmp_path / "sweep" / "optuna.db").exists() and not (tmp_path / "sweep" / "0").exists()
     assert MlflowClient(tracking_uri).search_runs(["1"]) == []
+
+
+def test_the_benchmark_counts_a_search_by_the_steps_its_trials_trained():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from search_vs_grid import best_within_budget
+
+    trials = [{"number": 0, "state": "COMPLETE", "value": 0.5, "last_step": 30},
+              {"number": 1, "state": "PRUNED", "value": 0.9, "last_step": 10},   # costs the 10 steps it trained
+              {"number": 2, "state": "FAIL", "value": None, "last_step": None},  # failed at once: no steps
+              {"number": 3, "state": "COMPLETE", "value": 0.4, "last_step": 30},
+              {"number": 4, "state": "COMPLETE", "value": 0.1, "last_step": 30}]  # past the budget
+    assert best_within_budget(trials, budget=75, steps=30) == {"best": 0.4, "steps": 70, "trials": 4, "pruned": 1}
+    assert best_within_budget(trials, budget=20, steps=30)["best"] is None
