@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from orpolab.core.errors import OrpolabError
 from orpolab.sweep import space
 
-from .conftest import RANDOM_TINY, ROOT, run_train
+from .conftest import RANDOM_TINY, ROOT, compose, run_train
 
 # A search over the learning rate alone, trials of 6 steps validated at steps 3 and 6 on 10 held-out pairs.
 SEARCH = ["-m", "hydra/sweeper=orpolab_optuna", "optim.lr=tag(log, interval(1e-4, 1e-2))", "experiment=demo",
@@ -180,3 +180,16 @@ def test_the_benchmark_counts_a_search_by_the_steps_its_trials_trained():
               {"number": 4, "state": "COMPLETE", "value": 0.1, "last_step": 30}]  # past the budget
     assert best_within_budget(trials, budget=75, steps=30) == {"best": 0.4, "steps": 70, "trials": 4, "pruned": 1}
     assert best_within_budget(trials, budget=20, steps=30)["best"] is None
+
+
+def test_presets_compose_into_an_optuna_search_of_one_method(tmp_path):
+    orpo = compose(["hparams_search=orpo_optuna"], tmp_path)
+    assert orpo.hydra.sweeper._target_ == "hydra_plugins.orpolab_search.OptunaSearchSweeper"
+    assert orpo.method.name == "orpo" and set(orpo.hydra.sweeper.params) == {"orpo.beta", "optim.lr", "lora.r"}
+    assert orpo.hydra.sweeper.confirm_seeds == 3 and orpo.hydra.sweeper.sampler.n_startup_trials < 10
+    assert orpo.hydra.sweeper.pruner._target_ == "optuna.pruners.MedianPruner"
+    dpo = compose(["hparams_search=dpo_optuna", "hydra/sweeper/pruner=hyperband"], tmp_path)
+    assert dpo.method.name == "dpo" and "method.beta" in dpo.hydra.sweeper.params
+    assert dpo.hydra.sweeper.pruner._target_ == "optuna.pruners.HyperbandPruner"
+    demo = compose(["experiment=demo_search"], tmp_path)
+    assert demo.hydra.sweeper.n_trials == 8 and demo.task_name == "demo_search"
