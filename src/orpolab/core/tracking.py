@@ -232,6 +232,11 @@ class JobRun:
         """Mark an interrupted or failed run RUNNING again: the resumed job continues it."""
         with_retry(lambda: self.client.update_run(self.run_id, status="RUNNING"))
 
+    def prune(self, step: int, value: float) -> None:
+        """Mark a search trial that its pruner stopped: KILLED (never FINISHED, so it never wins), with the step."""
+        self.set_tags({"orpolab.pruned_at_step": str(step), "orpolab.pruned_value": f"{value:.6g}"})
+        with_retry(lambda: self.client.set_terminated(self.run_id, "KILLED"))
+
     def fail(self, err: BaseException) -> None:
         """Mark FAILED with the error's one-line message as a tag and its traceback as an artifact."""
         message = f"{type(err).__name__}: {err}"

@@ -497,7 +497,7 @@ class Evaluation:
         point_latest(report_root, report_dir)
         if run is not None:
             for f in (out, report_dir / "training_curves.png", report_dir / "scores.png", results_file,
-                      self.out / "settings.yaml"):
+                      self.out / "settings.yaml", *sorted(report_dir.glob("search_*.png"))):
                 if f.is_file():
                     tracking.with_retry(lambda f=f: run.client.log_artifact(run.run_id, str(f), "report"))
             run.finish()

@@ -17,6 +17,7 @@ from pathlib import Path
 import matplotlib
 
 from orpolab.core import console
+from orpolab.evaluate import search_report
 from orpolab.evaluate.stats import figure_text
 
 matplotlib.use("Agg")
@@ -393,7 +394,9 @@ def write_report(r: ReportInputs, report_dir: Path) -> Path:
         md.append(f"| {j['job']} | {j['method']} | {Path(j['model.name_or_path']).name} | {j['method.beta']} | "
                   f"{j['optim.lr']} | {j['seed']} | {j['status']} | {value} | "
                   f"{held_out_cell(j, 'val/pref_accuracy', '{:.3f}')} | {mark} |")
-    md += ["", *seed_spread(rows), "", "## Training curves", "", "![training curves](training_curves.png)", ""]
+    md += ["", *seed_spread(rows), ""]
+    md += search_report.section(r.sweep, report_dir)  # a hyperparameter search's own section (none for a grid)
+    md += ["## Training curves", "", "![training curves](training_curves.png)", ""]
     if len(r.exported) > 1:
         md += method_comparison(r)
     md += ["## Export verification", ""]

@@ -3,8 +3,10 @@
 Rule (documented in README): among the sweep's child runs with status FINISHED that logged
 ``best/<metric>``, the best value wins (lowest for ``min``, highest for ``max``); ties, values
 equal to 1e-12 relative, go to the lowest Hydra job number, then the earliest start. Failed
-and unfinished jobs are ignored. The winner's exported adapter is its *best* checkpoint, the one
-on which that value was measured, never its last.
+and unfinished jobs are ignored, and so are a search's pruned trials (KILLED) and its re-runs
+of the best trial with other seeds (picking the luckiest seed would be the winner's curse again).
+The winner's exported adapter is its *best* checkpoint, the one on which that value was measured,
+never its last.
 
 A sweep over several methods (``method=orpo,dpo,simpo,sft``) has one winner per method: the
 selection metric is comparable across methods but favours some by construction (SFT minimises
@@ -34,6 +36,7 @@ class Candidate:
     metric: str = ""  # the job's selection metric and mode, from its tags
     mode: str = "min"
     method: str = "orpo"
+    confirm_of: str | None = None  # a search's re-run of its best trial with another seed: never a winner
 
 
 def sweep_parent(tracking_uri: str, experiment: str, sweep_dir: str | None = None, parent_run_id: str | None = None):
@@ -68,6 +71,7 @@ def candidates(tracking_uri: str, parent) -> list[Candidate]:
             start_time=run.info.start_time or 0, metric=metric,
             mode=run.data.tags.get("orpolab.selection_mode", "min"),
             method=run.data.tags.get("orpolab.method", "orpo"),
+            confirm_of=run.data.tags.get("orpolab.confirm_of"),
         ))
     return out
 
@@ -76,7 +80,8 @@ def rank(cands: list[Candidate], mode: str) -> list[Candidate]:
     """Finished runs with a finite value, best first, ties broken by job number then start time."""
     if mode not in ("min", "max"):
         raise OrpolabError(f"selection.mode must be 'min' or 'max', got {mode!r}")
-    usable = [c for c in cands if c.status == "FINISHED" and c.value is not None and math.isfinite(c.value)]
+    usable = [c for c in cands if c.status == "FINISHED" and c.value is not None and math.isfinite(c.value)
+              and c.confirm_of is None]
     sign = 1.0 if mode == "min" else -1.0
     # Round to 12 significant digits so float noise does not decide a tie.
     return sorted(usable, key=lambda c: (float(f"{sign * c.value:.12g}"), c.job_num, c.start_time))

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from orpolab.core import console, tracking
 from orpolab.sweep import preflight, sweep_id
+from orpolab.train.trial import is_search
 
 sweep_id.register()
 
@@ -120,7 +121,11 @@ class SweepCallback(Callback):
         parent.finish()
         print(format_summary(summary, uri, sweep_dir), flush=True)
         unfinished = [j for j in summary["jobs"] if j["status"] != "FINISHED"]
-        if unfinished:
+        if is_search(config.hydra.sweeper):
+            # A search's pruned and failed trials are final outcomes, not failures of the command.
+            if not summary["finished"]:
+                outcome.failures.append(f"no trial of the search {sweep_dir} finished; see the trials' errors above")
+        elif unfinished:
             outcome.failures.append(jobs_failure(unfinished, summary["jobs"]))
         if not (config.get("export") and config.export.enabled):
             return
@@ -319,11 +324,13 @@ def summarize_sweep(tracking_uri: str, experiment: str, sweep_dir: str) -> dict 
         "parent_run_id": parent.info.run_id, "experiment_id": exp.experiment_id, "jobs": jobs,
         "finished": sum(j["status"] == "FINISHED" for j in jobs),
         "failed": sum(j["status"] == "FAILED" for j in jobs),
+        "pruned": sum(j["status"] == "KILLED" for j in jobs),  # a search's trials its pruner stopped
     }
 
 
 def format_summary(summary: dict, tracking_uri: str, sweep_dir: str) -> str:
-    lines = [f"\nSweep finished: {summary['finished']} job(s) finished, {summary['failed']} failed."]
+    pruned = f", {summary['pruned']} pruned" if summary.get("pruned") else ""
+    lines = [f"\nSweep finished: {summary['finished']} job(s) finished, {summary['failed']} failed{pruned}."]
     for job in summary["jobs"]:
         value = f"{job['best']:.4f}" if job["best"] is not None else "-"
         line = f"  job {job['job']:>3}  {job['status']:<9} best={value:<8} {console.brief_overrides(job['overrides'])}"

@@ -28,6 +28,7 @@ from orpolab.train.checkpoints import AtomicCheckpointIO, remove_partial_saves
 from orpolab.train.data import PreferenceDataModule, prepare
 from orpolab.train.model import apply_lora, load_model, load_tokenizer
 from orpolab.train.module import PreferenceModule
+from orpolab.train.trial import PruningReporter, TrialPruned, load_trial, trial_of_job
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,11 @@ def run(cfg: DictConfig) -> float | None:
                 log.info("job %s finished in an earlier run of this sweep (%s); skipped", ctx["job_num"],
                          previous.info.run_id, extra=console.SHOW)
                 return done
+            if previous.info.status in ("KILLED", "FAILED") and trial_of_job() is not None:
+                # A search's pruned and failed trials are final (a grid job's failure is retried).
+                log.info("trial %s ended %s in an earlier run of this search; not re-run", ctx["job_num"],
+                         previous.info.status, extra=console.SHOW)
+                return None
             # Interrupted (killed, preempted) or failed before: continue the same MLflow run, from
             # the job's last checkpoint when it has one.
             job = tracking.JobRun(mlcfg.tracking_uri, previous.info.run_id)
@@ -123,6 +129,10 @@ def run(cfg: DictConfig) -> float | None:
         else:
             job = start_job_run(cfg, ctx)
         best = fit(cfg, job, Path(ctx["output_dir"]), resume)
+    except TrialPruned as pruned:  # the search's pruner stopped this trial: final, never resumed
+        job.prune(pruned.step, pruned.value)
+        log.info("trial %s %s", ctx["job_num"], pruned, extra=console.SHOW)
+        return None
     except Exception as err:
         if job is None:  # the config itself failed to resolve: still leave a FAILED run behind
             job = tracking.JobRun.start(mlcfg.tracking_uri, mlcfg.experiment_name, f"job {ctx['job_num']}",
@@ -240,6 +250,14 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
     callbacks = [instantiate(node) for node in callback_nodes.values()]
     if not trainer_cfg.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
+    trial = trial_of_job()
+    if trial is not None:  # a trial of a hyperparameter search: report to its pruner at every validation
+        handle = load_trial(trial)
+        confirm_of = handle.user_attrs.get("confirm_of")  # a re-run of the best trial with another seed
+        callbacks.append(PruningReporter(handle, cfg.selection.metric, prune=confirm_of is None))
+        job.set_tags({"orpolab.trial": str(trial.number), "orpolab.study": trial.study,
+                      **{f"orpolab.search.{k}": str(v) for k, v in handle.params.items()},
+                      **({"orpolab.confirm_of": str(confirm_of)} if confirm_of is not None else {})})
     log.info("callbacks: %s", ", ".join(type(c).__name__ for c in callbacks))
     checkpoints = [c for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint)]
     for cb in checkpoints:
