@@ -253,3 +253,28 @@ def test_submitit_local_runs_the_sweep_and_the_post_hook_as_its_own_job(tiny_mod
     logs = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit" / "post").glob("*_log.out"))
     assert "verification (GGUF vs merged PyTorch model" in logs
     assert json.loads((tmp_path / "sweep" / "export" / "export.json").read_text())["passed"]
+
+
+def test_on_slurm_only_submitit_requeues_and_another_world_size_cannot_resume_mid_epoch(monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from orpolab.core.config import DataConfig
+    from orpolab.train.data import PreferenceDataModule, PreparedData
+    from orpolab.train.job import trainer_plugins
+
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    assert not any(isinstance(p, SLURMEnvironment) for p in trainer_plugins())
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    slurm = [p for p in trainer_plugins() if isinstance(p, SLURMEnvironment)]
+    assert len(slurm) == 1 and slurm[0].auto_requeue is False  # Lightning's requeue off: submitit's acts
+
+    pair = {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4], "chosen_bytes": 1, "rejected_bytes": 1}
+    data = PreparedData([pair] * 4, [pair], {}, "h")
+    dm = PreferenceDataModule(data, DataConfig(path="unused", batch_size=2), pad_token_id=0, seed=1)
+    dm.trainer = SimpleNamespace(world_size=1)
+    with pytest.raises(OrpolabError, match="cannot resume mid-epoch on 1 device.* written by 2; resume with "
+                                           "trainer.devices=2"):
+        dm.load_state_dict({"epoch": 0, "samples_done": 4, "world_size": 2})
