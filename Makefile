@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 # multimodal part is not needed. GPU users may add -DGGML_CUDA=on.
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: setup tiny-models smollm2 warm-up demo demo-methods demo-search demo-real test bench lint mlflow-ui clean
+.PHONY: setup tiny-models smollm2 warm-up demo demo-methods demo-search demo-real test test-cluster bench lint mlflow-ui clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,14 @@ bench: tiny-models
 
 test: tiny-models smollm2
 	$(BIN)/python -m pytest -q
+
+# The engines that scale out, each started on this machine and stopped afterwards (tests/cluster, not part of
+# `make test`): a single-node Slurm cluster from Debian's packages (root; scripts/slurm-local.sh), a local Ray
+# cluster in its own venv (.cache/ray-venv, scripts/ray-venv.sh) and an MLflow server over HTTP.
+# Sets up first only on a fresh clone, so that a finished set-up is not rebuilt for it.
+test-cluster:
+	@test -f $(STAMP) || $(MAKE) setup
+	$(BIN)/python -m pytest -q -p no:randomly --durations=5 tests/cluster
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench train.py

@@ -167,3 +167,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     seed = getattr(config.option, "randomly_seed", None)
     if isinstance(seed, int):
         terminalreporter.write_line(f"test order: random, repeat it with --randomly-seed={seed}")
+
+
+# Tests that start cluster engines (Slurm, Ray, an MLflow server) run with `make test-cluster` only.
+collect_ignore = ["cluster"]

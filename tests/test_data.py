@@ -225,3 +225,28 @@ def test_resumable_sampler_orders_groups_and_resumes_mid_epoch():
     assert list(s) == epoch0[13 * 8:]
     s.set_epoch(0)
     assert list(s) == epoch0
+
+
+def test_resumable_sampler_shards_the_global_order_and_resumes_it_on_two_ranks():
+    from orpolab.train.data import ResumableSampler
+
+    def ranks(n: int, offset: int = 0) -> list[list[int]]:
+        out = []
+        for rank in range(2):
+            s = ResumableSampler(n, seed=3, batch_size=4, num_replicas=2, rank=rank)
+            s.resume_epoch, s.resume_offset = (0, offset) if offset else (None, 0)
+            s.set_epoch(0)
+            out.append(list(s))
+        return out
+
+    single = ResumableSampler(101, seed=3)
+    single.set_epoch(0)
+    order = list(single)
+    r0, r1 = ranks(101)
+    assert len(r0) == len(r1) == 51  # 101 pairs: one padded with the order's first pair
+    # Step k of both ranks together is the k-th stretch of 8 pairs of the one-process order.
+    for k in range(6):
+        assert sorted(r0[4 * k: 4 * k + 4] + r1[4 * k: 4 * k + 4]) == sorted(order[8 * k: 8 * k + 8])
+    assert sorted(set(r0) | set(r1)) == list(range(101)) and (r0 + r1).count(order[0]) == 2
+    # Resumed after 5 steps of both ranks (40 pairs of the global order): each rank's exact remainder.
+    assert ranks(101, offset=5 * 4 * 2) == [r0[20:], r1[20:]]

@@ -201,6 +201,47 @@ def test_ddp_with_two_cpu_processes_trains_one_job_with_one_run(tiny_models, tra
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_ddp_resumed_mid_epoch_sees_the_same_global_order_and_losses(tiny_models, tracking_uri, tmp_path):
+    """Two CPU ranks, 100 pairs (7 batches of up to 8 per rank and epoch): the reference run keeps its
+    checkpoint of step 3 (mid-epoch, as a kill would have left it), a second run resumes from it to step 10."""
+    from .batch_record import recorded
+
+    def ddp(name: str, *extra: str) -> str:
+        proc = run_train(["experiment=demo", RANDOM_TINY, "trainer=ddp", "trainer.accelerator=cpu",
+                          "trainer.devices=2", "data.max_train_rows=100", "data.max_eval_rows=20",
+                          "trainer.max_steps=10", "trainer.val_check_interval=5", "trainer.log_every_n_steps=1",
+                          "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / name}",
+                          "+callbacks.record._target_=tests.batch_record.RecordBatches",
+                          f"+callbacks.record.folder={tmp_path / name / 'batches'}", *extra])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return next(r.info.run_id for r in MlflowClient(tracking_uri).search_runs(["1"])
+                    if r.data.tags["orpolab.output_dir"] == str(tmp_path / name))
+
+    reference = ddp("reference", "+callbacks.every_3._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                    "+callbacks.every_3.every_n_train_steps=3", "+callbacks.every_3.save_top_k=-1",
+                    "+callbacks.every_3.filename='mid-{step}'")
+    mid = tmp_path / "reference" / "checkpoints" / "mid-step=3.ckpt"
+    assert torch.load(mid, weights_only=True)["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 0
+    resumed = ddp("resumed", f"resume_from='{mid}'")
+
+    # The same pairs on each rank at every step after the checkpoint, the epoch boundary (step 7) included ...
+    for rank in range(2):
+        before = recorded(tmp_path / "reference" / "batches", rank)
+        after = recorded(tmp_path / "resumed" / "batches", rank)
+        assert sorted(after) == list(range(3, 10)) and all(after[s] == before[s] for s in after), rank
+    # ... which together are the one global order: each step a new stretch, each epoch every pair once.
+    both = [recorded(tmp_path / "reference" / "batches", r) for r in range(2)]
+    epoch0 = [i for step in range(7) for rank in range(2) for i in both[rank][step]]
+    assert sorted(epoch0) == list(range(100))
+    # ... and the same loss at every step (rank 0's, as logged), to float tolerance.
+    ref_loss, res_loss = losses(tracking_uri, reference), losses(tracking_uri, resumed)
+    assert sorted(res_loss) == list(range(3, 10))
+    for step in res_loss:
+        assert res_loss[step] == pytest.approx(ref_loss[step], rel=1e-5, abs=1e-6), step
+    assert losses(tracking_uri, resumed, "val/chosen_bpb")[9] == pytest.approx(
+        losses(tracking_uri, reference, "val/chosen_bpb")[9], rel=1e-5)
+
+
 def test_submitit_local_runs_the_sweep_and_the_post_hook_as_its_own_job(tiny_models, tracking_uri, tmp_path):
     proc = run_train(["-m", "experiment=demo", RANDOM_TINY, "trainer.max_steps=6", "trainer.val_check_interval=3",
                       "trainer.enable_progress_bar=false", "orpo.beta=0.05,0.1", "hydra/launcher=submitit_local",
@@ -212,3 +253,28 @@ def test_submitit_local_runs_the_sweep_and_the_post_hook_as_its_own_job(tiny_mod
     logs = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit" / "post").glob("*_log.out"))
     assert "verification (GGUF vs merged PyTorch model" in logs
     assert json.loads((tmp_path / "sweep" / "export" / "export.json").read_text())["passed"]
+
+
+def test_on_slurm_only_submitit_requeues_and_another_world_size_cannot_resume_mid_epoch(monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from orpolab.core.config import DataConfig
+    from orpolab.train.data import PreferenceDataModule, PreparedData
+    from orpolab.train.job import trainer_plugins
+
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    assert not any(isinstance(p, SLURMEnvironment) for p in trainer_plugins())
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    slurm = [p for p in trainer_plugins() if isinstance(p, SLURMEnvironment)]
+    assert len(slurm) == 1 and slurm[0].auto_requeue is False  # Lightning's requeue off: submitit's acts
+
+    pair = {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4], "chosen_bytes": 1, "rejected_bytes": 1}
+    data = PreparedData([pair] * 4, [pair], {}, "h")
+    dm = PreferenceDataModule(data, DataConfig(path="unused", batch_size=2), pad_token_id=0, seed=1)
+    dm.trainer = SimpleNamespace(world_size=1)
+    with pytest.raises(OrpolabError, match="cannot resume mid-epoch on 1 device.* written by 2; resume with "
+                                           "trainer.devices=2"):
+        dm.load_state_dict({"epoch": 0, "samples_done": 4, "world_size": 2})

@@ -270,8 +270,11 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
     logger = instantiate(cfg.logger.mlflow, run_id=job.run_id)  # into the job's own run, created before
     log.info("logger: %s, run %s", type(logger).__name__, job.run_id)
 
+    # The datamodule's sampler shards the data across ranks itself and counts the samples done over all
+    # of them, so a resumed DDP job continues the global order exactly; Lightning's own distributed
+    # sampler would shard a second time.
     trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir),
-                          plugins=[AtomicCheckpointIO()])
+                          plugins=trainer_plugins(), use_distributed_sampler=False)
     log.info("trainer: %s, %s steps, precision %s", trainer.accelerator.__class__.__name__, trainer.max_steps,
              trainer.precision)
 
@@ -300,6 +303,21 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "result.json", result)
     return best
+
+
+def trainer_plugins() -> list:
+    """Atomic checkpoints; on Slurm also the cluster environment, without Lightning's own requeue.
+
+    A Slurm job started by submitit (``hydra/launcher=slurm``) is checkpointed and requeued by
+    submitit when the cluster signals preemption or the time limit (USR2); Lightning's automatic
+    requeue (on USR1) would be a second mechanism requeueing the same job.
+    """
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
 
 
 class JobLogger(MLFlowLogger):

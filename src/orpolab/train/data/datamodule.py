@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from orpolab.core.config import DataConfig
+from orpolab.core.errors import OrpolabError
 from orpolab.train.data.tokenize import PreparedData
 
 
@@ -58,15 +59,23 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
     from a mid-epoch checkpoint would then see other data than an uninterrupted one. Here the
     checkpoint stores how many samples of the epoch were trained on, and the resumed epoch skips
     exactly those. ``len`` stays the full epoch, because Lightning counts the batches already done.
+
+    With several processes (DDP) it also shards: the epoch's global order is padded to a multiple
+    of ``num_replicas`` (as torch's ``DistributedSampler`` does) and rank ``r`` takes every
+    ``num_replicas``-th sample from position ``r``, so one step of all ranks consumes one contiguous
+    stretch of the global order. The resume offset counts samples of that global order; sharding
+    here instead of in Lightning's wrapper (the trainer runs with ``use_distributed_sampler=False``)
+    keeps the skip and the shard consistent.
     """
 
     def __init__(self, num_samples: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1,
-                 megabatch: int = 50):
+                 megabatch: int = 50, num_replicas: int = 1, rank: int = 0):
         self.num_samples, self.seed = num_samples, seed
         self.lengths, self.batch_size, self.megabatch = lengths, batch_size, megabatch
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.resume_epoch: int | None = None
-        self.resume_offset = 0
+        self.resume_offset = 0  # samples of the global order already trained on
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls it at the start of every epoch
         self.epoch = epoch
@@ -76,17 +85,23 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
         if not self.lengths:
             return order
-        size = self.batch_size * self.megabatch
+        size = self.batch_size * self.megabatch * self.num_replicas
         groups = [sorted(order[i: i + size], key=lambda j: -self.lengths[j]) for i in range(0, len(order), size)]
         return [j for group in groups for j in group]
 
+    def global_order(self, epoch: int) -> list[int]:
+        """The epoch's order over all ranks, padded with its first samples to a multiple of ``num_replicas``."""
+        order = self.order(epoch)
+        pad = -len(order) % self.num_replicas
+        return order + (order * (pad // max(1, len(order)) + 1))[:pad]
+
     def __len__(self) -> int:
-        return self.num_samples
+        return -(-self.num_samples // self.num_replicas)  # this rank's share of the full epoch
 
     def __iter__(self):
         start = self.resume_offset if self.resume_epoch == self.epoch else 0
         self.resume_epoch, self.resume_offset = None, 0
-        yield from self.order(self.epoch)[start:]
+        yield from self.global_order(self.epoch)[start:][self.rank::self.num_replicas]
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -105,22 +120,42 @@ class PreferenceDataModule(L.LightningDataModule):
                                         cfg.batch_size)
 
     def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        if trainer is not None:  # this process's shard (one rank: the whole order)
+            self.sampler.num_replicas, self.sampler.rank = trainer.world_size, trainer.global_rank
         return DataLoader(IndexedPairs(self.data.train), batch_size=self.cfg.batch_size, sampler=self.sampler,
                           collate_fn=self.collate, num_workers=self.cfg.num_workers, drop_last=False)
 
     def state_dict(self) -> dict:
+        """The position in the epoch, in samples of the global order (every rank's batches counted)."""
         trainer = self.trainer
         if trainer is None:
             return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        return {"epoch": trainer.current_epoch, "samples_done": done * self.cfg.batch_size}
+        # Batches trained on: "processed" also counts the batch of a save in on_train_batch_end (a
+        # checkpoint every n steps), which Lightning marks completed only after that hook.
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "samples_done": done * self.cfg.batch_size * trainer.world_size,
+                "world_size": trainer.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state:
-            self.sampler.resume_epoch, self.sampler.resume_offset = state["epoch"], state["samples_done"]
+        if not state:
+            return
+        saved, now = state.get("world_size", 1), self.trainer.world_size if self.trainer is not None else 1
+        if saved != now:
+            # Lightning resumes the epoch at its per-rank batch count, which another world size changes.
+            raise OrpolabError(f"cannot resume mid-epoch on {now} device(s) from a checkpoint written by {saved}; "
+                               f"resume with trainer.devices={saved}")
+        self.sampler.resume_epoch, self.sampler.resume_offset = state["epoch"], state["samples_done"]
 
     def val_dataloader(self) -> DataLoader:
-        return self.reference_dataloader("val")
+        """The held-out pairs; with several ranks each evaluates its share (metrics are reduced across ranks)."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return self.reference_dataloader("val")
+        sampler = torch.utils.data.DistributedSampler(IndexedPairs(self.data.eval), num_replicas=trainer.world_size,
+                                                      rank=trainer.global_rank, shuffle=False)
+        return DataLoader(IndexedPairs(self.data.eval), batch_size=self.cfg.eval_batch_size, sampler=sampler,
+                          collate_fn=self.collate, num_workers=self.cfg.num_workers)
 
     def reference_dataloader(self, split: str) -> DataLoader:
         """A split in its stored order, for one pass that fills a per-pair cache."""
