@@ -42,10 +42,16 @@ def laptop_copy(sweep_dir: Path, target: Path) -> Path:
 
 
 def test_the_sweep_id_leaves_out_what_acts_after_training(tmp_path):
+    from omegaconf import open_dict, read_write
+
     from orpolab.sweep.sweep_id import derive
 
     def sweep_id(*overrides: str) -> str:
-        return derive(compose(["experiment=demo", "orpo.beta=0.1", *overrides], tmp_path))
+        """The id of `train.py -m experiment=demo <overrides> orpo.beta=0.05,0.1`: the overrides and the config."""
+        cfg = compose(["experiment=demo", *overrides], tmp_path)
+        with read_write(cfg.hydra.overrides), open_dict(cfg.hydra.overrides):
+            cfg.hydra.overrides.task = ["experiment=demo", *overrides, "orpo.beta=0.05,0.1"]
+        return derive(cfg)
 
     same = sweep_id()
     assert sweep_id("eval_prompts=finetome", "evaluation.judge.path=/x.gguf", "evaluation.quants=[Q8_0]",
@@ -60,7 +66,7 @@ def test_a_rerun_with_other_evaluation_settings_trains_nothing_and_adds_an_evalu
     # The first evaluation's report, as the sweep's hook wrote it, in the report folder of the re-run.
     reports = tmp_path / "report"
     shutil.copytree(sweep["report"].parent, reports / own["dir"].name / first)
-    changed = {"eval_prompts.max_prompts": "4", "evaluation.quants": "[]", "evaluation.judge.calibration_size": "0"}
+    changed = {"eval_prompts.max_prompts": "3", "evaluation.quants": "[]", "evaluation.judge.calibration_size": "0"}
     small = [o for o in EVAL_SMALL if o.split("=")[0] not in changed] + [f"{k}={v}" for k, v in changed.items()]
     proc = run_train(["-m", "experiment=demo", "trainer.max_steps=60", "trainer.val_check_interval=30",
                       f"evaluation.judge.calibration_cache={sweep['dir'].parent / 'calibration'}",
@@ -77,8 +83,8 @@ def test_a_rerun_with_other_evaluation_settings_trains_nothing_and_adds_an_evalu
     ids = sorted(f.name for f in (own["dir"] / "evaluation").iterdir())
     (second,) = set(ids) - {first}
     results = json.loads((own["dir"] / "evaluation" / second / "results.json").read_text())
-    assert results["prompts"] == 4 and results["models_order"] == ["base", "winner"]
-    assert "max_prompts: 4" in (own["dir"] / "evaluation" / second / "settings.yaml").read_text()
+    assert results["prompts"] == 3 and results["models_order"] == ["base", "winner"]
+    assert "max_prompts: 3" in (own["dir"] / "evaluation" / second / "settings.yaml").read_text()
     assert json.loads((own["dir"] / "evaluation" / first / "results.json").read_text())["prompts"] == 6
     # Both reports exist and name each other; latest is the new one.
     a, b = (reports / own["dir"].name / i / "report.md" for i in (first, second))
@@ -93,7 +99,7 @@ def test_a_rerun_with_other_evaluation_settings_trains_nothing_and_adds_an_evalu
 def test_evaluate_judges_with_the_overridden_judge_file_and_prompt_set(sweep, tmp_path):
     own = private_copy(sweep, tmp_path)
     judge = own["dir"] / "export" / "gguf" / "winner-Q8_0.gguf"
-    proc = evaluate_cli(own["dir"], own["uri"], "eval_prompts=heldout", "eval_prompts.max_prompts=3",
+    proc = evaluate_cli(own["dir"], own["uri"], "eval_prompts=heldout", "eval_prompts.max_prompts=2",
                         f"evaluation.judge.path={judge}", "evaluation.quants=[]",
                         "evaluation.judge.calibration_size=0", "--report-dir", str(tmp_path / "report"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -101,17 +107,17 @@ def test_evaluate_judges_with_the_overridden_judge_file_and_prompt_set(sweep, tm
     results = json.loads((folder / "results.json").read_text())
     assert results["judge_identity"]["RESPONSE_CORRECTNESS_5POINT"]["file"] == "winner-Q8_0.gguf"
     assert results["splits"]["evaluation_prompts"]["source"] == "the test split" and results["checks"] == []
-    # The same settings name the same evaluation, whose prompts are the test split's first three.
+    # The same settings name the same evaluation, whose prompts are the test split's first two.
     from orpolab.evaluate.pipeline import Evaluation
 
-    again = Evaluation(own["dir"], own["uri"], ["eval_prompts=heldout", "eval_prompts.max_prompts=3",
+    again = Evaluation(own["dir"], own["uri"], ["eval_prompts=heldout", "eval_prompts.max_prompts=2",
                                                 f"evaluation.judge.path={judge}", "evaluation.quants=[]",
                                                 "evaluation.judge.calibration_size=0"])
     assert again.out == folder
     test_rows = [json.loads(line) for line in (ROOT / "data" / "sample" / "test.jsonl").open()]
-    assert [p["prompt"] for p in again.prompts()] == [r["prompt"] for r in test_rows[:3]]
+    assert [p["prompt"] for p in again.prompts()] == [r["prompt"] for r in test_rows[:2]]
     verdicts = [json.loads(line) for line in (folder / "verdicts-RESPONSE_CORRECTNESS_5POINT.jsonl").open()]
-    assert len(verdicts) == 6 and all("winner-Q8_0.gguf" in v["judge"] for v in verdicts)
+    assert len(verdicts) == 4 and all("winner-Q8_0.gguf" in v["judge"] for v in verdicts)
     assert f"path: {judge}" in (folder / "settings.yaml").read_text()
 
 
@@ -148,11 +154,11 @@ def test_a_moved_sweep_without_checkpoints_or_mlflow_evaluates_and_reports(sweep
         cfg.model.name_or_path = str(tmp_path / "no-base-model-here")
         OmegaConf.save(cfg, job_config)
     empty_store = f"sqlite:///{tmp_path / 'laptop.db'}"
-    proc = evaluate_cli(copy, empty_store, "eval_prompts.max_prompts=3", "evaluation.quants=[]",
+    proc = evaluate_cli(copy, empty_store, "eval_prompts.max_prompts=2", "evaluation.quants=[]",
                         "--report-dir", str(tmp_path / "report"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = evaluation_dir(copy)
-    assert json.loads((folder / "results.json").read_text())["prompts"] == 3
+    assert json.loads((folder / "results.json").read_text())["prompts"] == 2
     report = (tmp_path / "report" / "latest" / "report.md").read_text()
     assert "**MLflow was not updated**" in report and "## Scores" in report
     client = MlflowClient(empty_store)

@@ -100,8 +100,6 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
     A one-method sweep exports its winner (files named ``winner-*``); a mixed-method sweep exports
     the best job of each method (``orpo-*``, ``dpo-*``, ...), all from the same base model.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     parent = sweep_parent(tracking_uri, experiment, sweep_dir, parent_run_id)
     sweep = Path(parent.data.tags[tracking.SWEEP_TAG])
     export_cfg = export_cfg or stage_settings(sweep, [])
@@ -110,6 +108,7 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
     if done is not None:
         print(f"  export: up to date for these winners and settings ({sweep / 'export' / 'export.json'})", flush=True)
         return done
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # only when there is work
     job_cfgs = {label: OmegaConf.load(Path(w.output_dir) / ".hydra" / "config.yaml") for label, w in winners.items()}
     first = next(iter(winners))
     job_cfg = job_cfgs[first]
