@@ -96,7 +96,7 @@ def main() -> None:
                              f"hydra.sweeper.n_trials={p['trials']}", f"hydra.sweeper.sampler.seed={seed}",
                              f"hydra.sweep.dir={sweep}"], work)
             summary = json.loads((sweep / "search.json").read_text())
-            searches.append({"seed": seed, "seconds": seconds, "trials": summary["trials"],
+            searches.append({"seed": seed, "seconds": seconds, "all_trials": summary["trials"],
                              **best_within_budget(summary["trials"], budget, p["steps"])})
     report(args, p, budget, grid, grid_s, searches)
 
