@@ -277,4 +277,6 @@ def test_on_slurm_only_submitit_requeues_and_another_world_size_cannot_resume_mi
     dm.trainer = SimpleNamespace(world_size=1)
     with pytest.raises(OrpolabError, match="cannot resume mid-epoch on 1 device.* written by 2; resume with "
                                            "trainer.devices=2"):
-        dm.load_state_dict({"epoch": 0, "samples_done": 4, "world_size": 2})
+        dm.load_state_dict({"epoch": 0, "samples_done": 2, "world_size": 2})
+    dm.load_state_dict({"epoch": 0, "samples_done": 4, "world_size": 2})  # at the epoch's end: nothing to skip
+    assert (dm.sampler.resume_epoch, dm.sampler.resume_offset) == (0, 4)

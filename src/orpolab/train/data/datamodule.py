@@ -141,7 +141,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if not state:
             return
         saved, now = state.get("world_size", 1), self.trainer.world_size if self.trainer is not None else 1
-        if saved != now:
+        if saved != now and 0 < state["samples_done"] < self.sampler.num_samples:
             # Lightning resumes the epoch at its per-rank batch count, which another world size changes.
             raise OrpolabError(f"cannot resume mid-epoch on {now} device(s) from a checkpoint written by {saved}; "
                                f"resume with trainer.devices={saved}")
