@@ -54,6 +54,7 @@ bench: tiny-models
 	$(BIN)/python bench/train_vs_trl.py
 	$(BIN)/python bench/cpu_inference.py
 	$(BIN)/python bench/judge_throughput.py
+	$(BIN)/python bench/answer_throughput.py
 
 test: tiny-models smollm2
 	$(BIN)/python -m pytest -q

@@ -1,36 +1,37 @@
-"""Judge throughput: Flow Judge verdicts per minute at Flow-Judge-v0.1's shapes on the CPU.
+"""Judge throughput: Flow Judge verdicts per minute at Flow-Judge-v0.1's shapes on the CPU, 1 to 8 per batch.
 
-    python bench/judge_throughput.py               # Phi-3.5-mini shapes (3.8B), Q4_K_M; about 20 min on 2 cores
+    python bench/judge_throughput.py               # Phi-3.5-mini shapes (3.8B), Q4_K_M; about 30 min on 2 cores
 
 A random-weight Phi-3.5-mini (Flow-Judge-v0.1's base) is built, converted and quantized to Q4_K_M
-(Flow Judge's own GGUF). The judge is orpolab's evaluation backend (``LlamaCppFlowJudge``: one
-model load, grammar-constrained verdicts, threads from the machine) with flow-judge's own prompt
-(RESPONSE_CORRECTNESS_5POINT: query, reference answer, response, rubric) on realistic questions
-and answers. Two orders are timed:
+(Flow Judge's own GGUF). Verdicts are decoded as the evaluation decodes them
+(``orpolab.evaluate.batched.BatchedDecoder`` with orpolab's verdict grammar) on flow-judge's own
+prompt (RESPONSE_CORRECTNESS_5POINT: query, reference answer, response, rubric) for realistic
+questions and answers, two answers per question judged back to back (the second copies the
+question's KV cache), tokenized by Phi-3's real tokenizer. The same verdicts are decoded with 1, 2,
+4 and 8 sequences per batch (split KV cache, the default), and with one unified cache at 4 and 8.
 
-- **shared prefix reused**: both answers to a question judged back to back, as the evaluation
-  stage does; llama-cpp-python keeps the previous prompt's KV cache and evaluates only the part
-  after the longest common prefix (flow-judge's prompt has the question before the answer);
-- **no reuse**: the KV cache cleared before every verdict.
-
-Random weights write random (but grammatical) verdicts, so the feedback length is bounded and
-fixed by ``--feedback-chars`` to keep generation time comparable between the two orders.
+Random weights write random (but grammatical) verdicts, so the feedback is bounded by
+``--feedback-chars``; verdicts per minute are also given for a typical 150-token verdict, from the
+prompt rate and the generation rate each setting measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
-from common import DEFAULT_OUT, ROOT, cores, fmt, summary, write_section
-from models import build_ggufs, build_hf
+from batched_decode import PARALLEL, bound_seconds, divergence, file_bytes, gen_rate, prompt_rate, run_setting
+from common import DEFAULT_OUT, ROOT, cores, write_section
+from models import build_ggufs, build_hf, memory_bandwidth_gbs
 
 PRESETS = {
-    "phi35mini": {"shape": "phi35mini", "questions": 3, "feedback_chars": 120},
-    "tiny": {"shape": "tiny_phi", "questions": 2, "feedback_chars": 20},
+    "phi35mini": {"shape": "phi35mini", "questions": 3, "feedback_chars": 80},
+    "tiny": {"shape": "tiny_phi", "questions": 1, "feedback_chars": 20},
 }
+# Before batched decoding (BENCHMARKS.md, judge-phi35mini): verdicts/min for a 150-token verdict, question reused.
+TODAY_RATE = 2.05
+
 QUESTIONS = [
     ("Explain why the sky appears blue during the day but red and orange at sunset.",
      "Sunlight is scattered by air molecules, and shorter (blue) wavelengths scatter much more (Rayleigh "
@@ -61,10 +62,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     p = PRESETS[args.preset]
-    import llama_cpp
     from flow_judge import EvalInput, FlowJudge
 
-    from orpolab.evaluate.judge import LlamaCppFlowJudge, metric_by_name
+    from orpolab.evaluate.batched import Request, kv_bytes_per_token
+    from orpolab.evaluate.judge import TAG_TOKENS, metric_by_name, verdict_grammar
+    from orpolab.export.llamacpp import open_gguf
 
     metric = metric_by_name("RESPONSE_CORRECTNESS_5POINT")
     with tempfile.TemporaryDirectory(prefix="orpolab-bench-") as tmp:
@@ -74,40 +76,45 @@ def main() -> None:
         gguf = build_ggufs(hf_dir, work / "gguf", [args.quant], f"{p['shape']}-random")[args.quant]
         for f in (work / "gguf").glob("*-f16.gguf"):
             f.unlink()  # only the judge's quantization is needed from here on
-        backend = LlamaCppFlowJudge(gguf, [r.score for r in metric.rubric], max_tokens=0,
-                                    max_feedback_chars=p["feedback_chars"], n_ctx=4096, name="random judge")
-        judge = FlowJudge(metric=metric, model=backend, output_dir=str(work / "fj"))
+        judge = FlowJudge(metric=metric, model=formatter(), output_dir=str(work / "fj"))
         items = [(q, ref, a) for q, ref in QUESTIONS[: p["questions"]] for a in answers(ref)]
         prompts = [judge._format_prompt(EvalInput(inputs=[{"query": q}, {"reference_answer": ref}],
                                                   output={"response": a})) for q, ref, a in items]
-        llm = backend.llm
         # The prompts as Flow Judge's real (Phi-3) tokenizer sees them, chat template included: the
         # random model's own tokenizer is a tiny one built here and would make them 3x longer.
         ids = [real_tokens(pr) for pr in prompts]
-        lengths = [len(x) for x in ids]
-        shared = [shared_prefix(ids[i], ids[i + 1]) for i in range(0, len(ids), 2)]
-        verdict(llm, backend, ids[0][:32])  # warm-up: page the weights in
-        timings: dict[str, list[float]] = {"no reuse": [], "shared prefix reused": []}
-        perf: dict[str, list[dict]] = {"no reuse": [], "shared prefix reused": []}
-        parsed = 0
+        max_tokens = p["feedback_chars"] + TAG_TOKENS
+        n_ctx_seq = max(len(x) for x in ids) + max_tokens + 32
+        requests = [Request(x, max_tokens) for x in ids]
+        grammar = verdict_grammar([r.score for r in metric.rubric], p["feedback_chars"])
+        llm = open_gguf(gguf, 256)
         try:
-            for mode in ("no reuse", "shared prefix reused"):
-                for i, tokens in enumerate(ids):
-                    if mode == "no reuse" or i == 0:  # the first question starts cold in both modes
-                        llm.reset()
-                    llama_cpp.llama_perf_context_reset(llm.ctx)
-                    t0 = time.perf_counter()
-                    raw = verdict(llm, backend, tokens)
-                    timings[mode].append(time.perf_counter() - t0)
-                    d = llama_cpp.llama_perf_context(llm.ctx)
-                    # Prompt tokens go through batched decodes (p_eval), generated ones one at a time (eval).
-                    perf[mode].append({"prompt_tokens": d.n_p_eval, "prompt_s": d.t_p_eval_ms / 1e3,
-                                       "gen_tokens": d.n_eval, "gen_s": d.t_eval_ms / 1e3})
-                    parsed += "<score>" in raw
-                    print(f"{mode}: verdict in {timings[mode][-1]:.1f} s ({perf[mode][-1]})", flush=True)
+            kv_per_token = kv_bytes_per_token(llm.metadata)
+            bandwidth = memory_bandwidth_gbs() * 1e9
+            pp_tps = prompt_rate(llm, n_ctx_seq)
+            print(f"prompt rate {pp_tps:.1f} tokens/s, bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+            runs = []
+            for parallel, unified in [(n, False) for n in PARALLEL] + [(4, True), (8, True)]:
+                runs.append(run_setting(llm, requests, parallel, n_ctx_seq, grammar, kv_unified=unified))
+                print({k: v for k, v in runs[-1].items() if k != "tokens"}, flush=True)
+            weight_bytes = file_bytes(gguf)
         finally:
-            backend.close()
-    report(args, p, timings, perf, lengths, shared, parsed, len(prompts) * 2)
+            llm.close()
+    report(args, p, runs, ids, pp_tps, bandwidth, weight_bytes, kv_per_token)
+
+
+def formatter():
+    """A flow-judge model that writes nothing: flow-judge only formats prompts here (the decoder writes)."""
+    from flow_judge.models.common import BaseFlowJudgeModel
+
+    class Formatter(BaseFlowJudgeModel):
+        def _generate(self, prompt: str) -> str:
+            raise NotImplementedError
+
+        def _batch_generate(self, prompts, use_tqdm=True, **kwargs):
+            raise NotImplementedError
+
+    return Formatter(model_id="formatter", model_type="none", generation_params={})
 
 
 def real_tokens(prompt: str) -> list[int]:
@@ -124,63 +131,55 @@ def real_tokens(prompt: str) -> list[int]:
     return _VOCAB.tokenize(text.encode(), add_bos=True, special=True)
 
 
-def verdict(llm, backend, tokens: list[int]) -> str:
-    """One grammar-constrained verdict from token ids (llama-cpp-python reuses the cached common prefix)."""
-    out = llm.create_completion(tokens, max_tokens=backend.max_tokens, temperature=0.0, grammar=backend.grammar)
-    return out["choices"][0]["text"]
-
-
-def shared_prefix(ta: list[int], tb: list[int]) -> int:
-    n = 0
-    for x, y in zip(ta, tb, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def report(args, p: dict, timings: dict, perf: dict, lengths: list[int], shared: list[int], parsed: int,
-           total: int, verdict_tokens: int = 150) -> None:
-    """Measured verdicts per minute, and the same for a typical verdict length from the measured speeds.
-
-    A random-weight judge writes feedback of random length, so the raw verdict rate mixes the
-    prompt cost with however long it rambled; the estimate uses a fixed 150-token verdict (a few
-    sentences of feedback and the score, Flow Judge's usual size).
-    """
-    all_perf = perf["no reuse"] + perf["shared prefix reused"]
-    pp_tps = sum(x["prompt_tokens"] for x in all_perf) / sum(x["prompt_s"] for x in all_perf)
-    tg_tps = sum(x["gen_tokens"] for x in all_perf) / max(1e-9, sum(x["gen_s"] for x in all_perf))
+def report(args, p: dict, runs: list[dict], ids: list[list[int]], pp_tps: float, bandwidth: float,
+           weight_bytes: int, kv_per_token: int, verdict_tokens: int = 150) -> None:
+    """Verdicts per minute measured, for a 150-token verdict, and the bound, per setting."""
+    n = len(ids)
+    lengths = [len(x) for x in ids]
+    reference = runs[0]
     rows = []
-    for mode in timings:
-        raw_rate = 60 * len(timings[mode]) / sum(timings[mode])
-        prompt_tokens = summary([x["prompt_tokens"] for x in perf[mode]])
-        prompt_s = sum(x["prompt_tokens"] for x in perf[mode]) / len(perf[mode]) / pp_tps
-        estimate = 60 / (prompt_s + verdict_tokens / tg_tps)
-        rows.append((mode, raw_rate, prompt_tokens, prompt_s, estimate))
-    (_, _, _, cold_s, cold_rate), (_, _, _, warm_s, warm_rate) = rows
+    for run in runs:
+        measured = 60 * n / run["seconds"]
+        mean_ctx = sum(lengths) / n + run["gen_tokens"] / n / 2
+        bound = 60 * n / bound_seconds(run, pp_tps, weight_bytes, kv_per_token, bandwidth, mean_ctx)
+        g = gen_rate(run, pp_tps)
+        typical = 60 / (run["prompt_tokens"] / n / pp_tps + verdict_tokens / g)
+        steps_150 = n * verdict_tokens / run["parallel"]
+        typical_bound = 60 * n / (run["prompt_tokens"] / pp_tps + steps_150 * (
+            weight_bytes + run["parallel"] * (sum(lengths) / n + verdict_tokens / 2) * kv_per_token) / bandwidth)
+        rows.append((run, measured, bound, typical, typical_bound, divergence(run, reference)))
+    base_typical = rows[0][3]
+    best = max(rows, key=lambda r: r[3])
+    table = [f"| {r['parallel']} | {'unified' if r['kv_unified'] else 'split'} | {m:.2f} | {b:.2f} | {m / b:.0%} | "
+             f"{t:.2f} | {tb:.2f} | {t / tb:.0%} | {t / base_typical:.2f}x | {r['prompt_tokens'] / n:.0f} | {d:.0%} |"
+             for r, m, b, t, tb, d in rows]
     body = "\n".join([
-        "## Judge throughput: Flow Judge at Flow-Judge-v0.1's shapes on the CPU", "",
+        "## Judge throughput, batched: verdicts per llama.cpp batch at Flow-Judge-v0.1's shapes", "",
         f"Command: `python bench/judge_throughput.py --preset {args.preset}`. Random-weight {p['shape']} in "
-        f"{args.quant} through orpolab's `LlamaCppFlowJudge` ({cores()} threads, one model load), flow-judge's "
-        f"RESPONSE_CORRECTNESS_5POINT prompt in Phi-3.5's chat template, counted with Phi-3's tokenizer; "
-        f"{p['questions']} questions x 2 answers; prompts "
-        f"{min(lengths)}–{max(lengths)} tokens, of which the two answers to a question share the first "
-        f"{min(shared)}–{max(shared)} (instructions and question; the rubric comes after the answer, so it cannot "
-        f"be shared); feedback bounded to {p['feedback_chars']} characters by the grammar; {parsed}/{total} "
-        f"verdicts parsed. Measured speeds: prompt {pp_tps:.1f} tokens/s, generation {tg_tps:.2f} tokens/s.", "",
-        "| order | verdicts/min measured | prompt tokens evaluated per verdict | prompt seconds per verdict | "
-        f"verdicts/min for a {verdict_tokens}-token verdict |", "|---|---|---|---|---|",
-        *[f"| {m} | {r:.2f} | {fmt(pt, 0)} | {ps:.1f} | {e:.2f} |" for m, r, pt, ps, e in rows], "",
-        f"Judging both answers to a question back to back (as the evaluation stage does) reuses the question's KV "
-        f"cache: {1 - warm_s / cold_s:.0%} less prompt time per verdict, {warm_rate / cold_rate:.2f}x verdicts per "
-        f"minute at a typical verdict length. A cold verdict spends {cold_s:.1f} s on its prompt and "
-        f"{verdict_tokens / tg_tps:.1f} s writing {verdict_tokens} tokens, so "
-        + ("the bounded feedback length (`evaluation.judge.max_feedback_chars`) is the main lever."
-           if verdict_tokens / tg_tps > cold_s else "the prompt is the main cost."),
+        f"{args.quant}, decoded by orpolab's `BatchedDecoder` with the verdict grammar ({cores()} threads), "
+        f"flow-judge's RESPONSE_CORRECTNESS_5POINT prompt in Phi-3.5's chat template, counted with Phi-3's "
+        f"tokenizer; {p['questions']} questions x 2 answers = {n} verdicts per setting (the same for every "
+        f"setting), prompts {min(lengths)}–{max(lengths)} tokens, feedback at most {p['feedback_chars']} "
+        f"characters. Measured in this run: prompt {pp_tps:.1f} tokens/s (one 512-token batch), memory "
+        f"bandwidth {bandwidth / 1e9:.1f} GB/s; weights {weight_bytes / 2**30:.2f} GiB, KV cache "
+        f"{kv_per_token / 1024:.0f} KiB per token. Bound: prompt tokens at the measured prompt rate plus, per "
+        "generation step, one pass over the weights and the sequences' caches at the measured bandwidth.", "",
+        "| sequences per batch | KV cache | verdicts/min measured | bound | of bound | verdicts/min, 150-token "
+        "verdict | bound | of bound | vs 1 per batch | prompt tokens decoded per verdict | differ from 1 per batch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *table, "",
+        f"Best: {best[0]['parallel']} per batch ({'unified' if best[0]['kv_unified'] else 'split'} cache), "
+        f"{best[3]:.2f} verdicts/min for a {verdict_tokens}-token verdict: {best[3] / TODAY_RATE:.2f}x the "
+        f"{TODAY_RATE} before batching (the section below) and {best[3] / best[4]:.0%} of its bound. "
+        "A verdict differs from the one-at-a-time verdict only where a batch's other summation order breaks a "
+        "near tie (random weights make ties common; see tests/test_batched.py).",
     ])
-    write_section(f"judge-{args.preset}", body, args.out,
-                  raw={"preset": p, "timings": timings, "perf": perf, "prompt_tokens": lengths,
-                       "shared_prefix": shared, "prompt_tps": pp_tps, "gen_tps": tg_tps})
+    raw = {"preset": p, "prompt_tps": pp_tps, "bandwidth": bandwidth, "weight_bytes": weight_bytes,
+           "kv_per_token": kv_per_token, "prompt_tokens": lengths,
+           "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in runs],
+           "rows": [{"measured": m, "bound": b, "typical": t, "typical_bound": tb, "divergence": d}
+                    for _, m, b, t, tb, d in rows]}
+    write_section(f"judge-batched-{args.preset}", body, args.out, raw=raw)
     print(body)
 
 

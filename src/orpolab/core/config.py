@@ -248,6 +248,10 @@ class GenerationConfig:
     seed: int = 0
     n_ctx: int = 1024
     threads: int | None = None
+    # Answers decoded together per llama.cpp batch (one pass over the weights serves all of them).
+    parallel: int = 4
+    # One KV cache for all sequences (true) or one per sequence (false: as one at a time, bit for bit).
+    kv_unified: bool = False
 
 
 @dataclass
@@ -270,6 +274,9 @@ class JudgeConfig:
     calibration_cache: str = ".cache/judge-calibration"
     # Judge only the first N evaluation prompts (null: all); the checked figures use every prompt.
     max_prompts: int | None = None
+    # Verdicts decoded together per llama.cpp batch, and whether they share one KV cache (as for answers).
+    parallel: int = 2
+    kv_unified: bool = False
 
 
 @dataclass

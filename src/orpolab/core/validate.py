@@ -186,6 +186,10 @@ def _evaluation(c: dict) -> list[str]:
         out.append(f"evaluation.judge.calibration_size must be 0 (off) or positive, got {judge['calibration_size']}")
     if judge["max_prompts"] is not None and judge["max_prompts"] < 1:
         out.append(f"evaluation.judge.max_prompts must be null (all) or at least 1, got {judge['max_prompts']}")
+    for key in ("generation", "judge"):
+        parallel = c["evaluation"][key].get("parallel", 1)
+        if not isinstance(parallel, int) or parallel < 1:
+            out.append(f"evaluation.{key}.parallel (sequences per llama.cpp batch) must be at least 1, got {parallel}")
     exported = {"F16", *(str(q).upper() for q in c["export"]["quant_types"])}
     missing = [str(q) for q in c["evaluation"]["quants"] if str(q).upper() not in exported]
     if missing:

@@ -9,6 +9,7 @@ bounded in length, so flow-judge's parser always finds a verdict (any failure is
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from orpolab.core.errors import OrpolabError
 from orpolab.core.validate import judge_metric_names
+from orpolab.evaluate.batched import TOKENIZER_CTX
 from orpolab.export.llamacpp import check_gguf, open_gguf
 
 # Upper bound on the tokens of "<feedback>", "</feedback>\n<score>", the score and "</score>".
@@ -67,34 +69,64 @@ def resolve_judge_file(path: str | None, repo_id: str | None, filename: str | No
 class LlamaCppFlowJudge(BaseFlowJudgeModel):
     """Flow-Judge-v0.1 (or any GGUF chat model) through llama-cpp-python, grammar-constrained.
 
-    The model is loaded once and reused for every verdict. llama-cpp-python keeps the evaluated
-    tokens of the previous prompt and only evaluates the new suffix, so judging two answers to the
-    same question one after the other reuses the KV cache of the shared prefix (flow-judge's prompt
-    puts the question before the answer).
+    The model is loaded once and reused for every verdict. Up to ``parallel`` verdicts are decoded
+    together (:class:`~orpolab.evaluate.batched.BatchedDecoder`: one pass over the weights per token
+    serves all of them), each constrained by the grammar; a verdict's prompt starts from the part it
+    shares with a prompt already in the KV cache (flow-judge's prompt puts the instructions and the
+    question before the answer, so the answers to one question share them). ``parallel=1`` writes
+    the verdicts ``create_chat_completion`` writes.
     """
 
     def __init__(self, gguf: Path, scores: list[int], max_tokens: int = 400, max_feedback_chars: int = 600,
-                 n_ctx: int = 4096, threads: int | None = None, name: str | None = None):
-        from llama_cpp import LlamaGrammar
-
+                 n_ctx: int = 4096, threads: int | None = None, name: str | None = None, parallel: int = 1,
+                 kv_unified: bool = False):
         # Enough tokens for the longest verdict the grammar allows, so none is cut off.
         max_tokens = max(max_tokens, max_feedback_chars + TAG_TOKENS)
         super().__init__(model_id=name or gguf.name, model_type="llama_cpp",
                          generation_params={"temperature": 0.0, "max_tokens": max_tokens})
-        self.llm = open_gguf(gguf, n_ctx, threads)
-        self.grammar = LlamaGrammar.from_string(verdict_grammar(scores, max_feedback_chars), verbose=False)
-        self.max_tokens, self.n_ctx = max_tokens, n_ctx
+        # The model's own context only formats and tokenizes: the verdicts are decoded in the decoder's.
+        self.llm = open_gguf(gguf, TOKENIZER_CTX, threads)
+        self.grammar = verdict_grammar(scores, max_feedback_chars)
+        self.max_tokens, self.n_ctx, self.parallel, self.kv_unified = max_tokens, n_ctx, parallel, kv_unified
+        self._decoder = None
+
+    def verdicts(self, prompts: list[str]) -> Iterator[tuple[int, str]]:
+        """(index, raw verdict) for every prompt, each as soon as it is written (not in prompt order).
+
+        A prompt too long for the context gets ``""`` (flow-judge's parser turns it into score -1,
+        counted as a failure).
+        """
+        from orpolab.evaluate.batched import BatchedDecoder, Request, chat_prompt
+
+        requests, indices = [], []
+        for i, prompt in enumerate(prompts):
+            tokens, stop = chat_prompt(self.llm, [{"role": "user", "content": prompt}])
+            if len(tokens) + self.max_tokens + 32 > self.n_ctx:
+                yield i, ""
+                continue
+            requests.append(Request(tokens, self.max_tokens, 0, stop))
+            indices.append(i)
+        if not requests:
+            return
+        if self._decoder is None:
+            self._decoder = BatchedDecoder(self.llm, self.parallel, self.n_ctx, grammar=self.grammar,
+                                           kv_unified=self.kv_unified)
+        for done in self._decoder.run(requests):
+            yield indices[done.index], done.text
 
     def _generate(self, prompt: str) -> str:
-        messages = [{"role": "user", "content": prompt}]
-        if len(self.llm.tokenize(prompt.encode(), add_bos=False)) + self.max_tokens + 32 > self.n_ctx:
-            return ""  # flow-judge's parser turns this into score -1, counted as a failure
-        out = self.llm.create_chat_completion(messages, max_tokens=self.max_tokens, temperature=0.0,
-                                              grammar=self.grammar)
-        return out["choices"][0]["message"]["content"] or ""
+        return next(iter(self.verdicts([prompt])))[1]
 
     def _batch_generate(self, prompts: list[str], use_tqdm: bool = True, **kwargs: Any) -> list[str]:
-        return [self._generate(p) for p in tqdm(prompts, desc="judging", unit="verdict", disable=not use_tqdm)]
+        out = [""] * len(prompts)
+        with tqdm(total=len(prompts), desc="judging", unit="verdict", disable=not use_tqdm) as bar:
+            for i, text in self.verdicts(prompts):
+                out[i] = text
+                bar.update()
+        return out
 
     def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
         self.llm.close()

@@ -288,7 +288,8 @@ class Evaluation:
 
         j = self.cfg.judge
         return LlamaCppFlowJudge(self.judge_file(), scores, j.max_tokens, j.max_feedback_chars, j.n_ctx,
-                                 name=self.judge_name())
+                                 name=self.judge_name(), parallel=int(j.get("parallel", 1)),
+                                 kv_unified=bool(j.get("kv_unified", False)))
 
     def calibrate(self) -> dict:
         """The judge scores answers whose quality is known, before it scores the models (cached per judge)."""
@@ -317,8 +318,21 @@ class Evaluation:
         write_json_atomic(self.out / "calibration.json", out)
         return out
 
+    @staticmethod
+    def _eval_input(metric, prompt: dict, answer: dict):
+        """flow-judge's input for one answer: the metric's inputs in its order, the answer as its output."""
+        from flow_judge import EvalInput
+
+        inputs = {"query": prompt["prompt"]}
+        if "reference_answer" in metric.required_inputs:
+            inputs["reference_answer"] = str(prompt.get("reference") or "")
+        if "context" in metric.required_inputs:
+            inputs["context"] = str(prompt.get("reference") or "")
+        return EvalInput(inputs=[{k: inputs[k]} for k in metric.required_inputs],
+                         output={metric.required_output: answer["answer"]})
+
     def judge(self) -> None:
-        from flow_judge import EvalInput, FlowJudge
+        from flow_judge import EvalOutput, FlowJudge
 
         from orpolab.evaluate.judge import metric_by_name
 
@@ -340,23 +354,23 @@ class Evaluation:
             try:
                 from tqdm.auto import tqdm
 
+                inputs = [self._eval_input(metric, prompts[pid], answers[model][pid]) for pid, model in todo]
+                for one in inputs:
+                    judge._validate_inputs(one)
+                prompts_text = [judge._format_prompt(one) for one in inputs]
                 started = time.time()
-                for i, (pid, model) in enumerate(tqdm(todo, desc=f"judging {metric_name}", unit="verdict",
-                                                      disable=None)):
-                    if i == 2 and len(todo) > 3:  # an estimate once the judge's speed is known
-                        per = (time.time() - started) / 2
-                        tqdm.write(f"    judging: about {per * (len(todo) - 2) / 60:.1f} min left for "
-                                   f"{len(todo) - 2} verdicts ({per:.1f} s each)")
-                    inputs = {"query": prompts[pid]["prompt"]}
-                    if "reference_answer" in metric.required_inputs:
-                        inputs["reference_answer"] = str(prompts[pid].get("reference") or "")
-                    if "context" in metric.required_inputs:
-                        inputs["context"] = str(prompts[pid].get("reference") or "")
-                    ordered = [{k: inputs[k]} for k in metric.required_inputs]
-                    verdict = judge.evaluate(EvalInput(inputs=ordered, output={metric.required_output:
-                                                                              answers[model][pid]["answer"]}))
-                    append_jsonl(out_file, {"id": pid, "model": model, "score": verdict.score,
-                                            "feedback": verdict.feedback, "judge": judge_name})
+                with tqdm(total=len(todo), desc=f"judging {metric_name}", unit="verdict", disable=None) as bar:
+                    # Each verdict is saved as soon as it is written: a kill loses only those being written.
+                    for n, (i, raw) in enumerate(backend.verdicts(prompts_text), start=1):
+                        pid, model = todo[i]
+                        verdict = EvalOutput.parse(raw)
+                        append_jsonl(out_file, {"id": pid, "model": model, "score": verdict.score,
+                                                "feedback": verdict.feedback, "judge": judge_name})
+                        bar.update()
+                        if n == 2 and len(todo) > 3:  # an estimate once the judge's speed is known
+                            per = (time.time() - started) / 2
+                            tqdm.write(f"    judging: about {per * (len(todo) - 2) / 60:.1f} min left for "
+                                       f"{len(todo) - 2} verdicts ({per:.1f} s each)")
             finally:
                 backend.close()
             verdicts = read_jsonl(out_file)
