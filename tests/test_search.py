@@ -154,6 +154,8 @@ def test_a_killed_search_resumes_its_trial_and_ends_with_exactly_n_trials(tiny_m
     assert by_num[1].data.tags["orpolab.attempts"] == "2"
     assert by_num[1].data.tags["orpolab.resumed_from"] == str(checkpoint)
     assert by_num[0].data.tags.get("orpolab.attempts", "1") == "1"  # finished: not run again
+    # The resumed command's sampler did not start its seeded sequence again: no trial repeats another's values.
+    assert len({t.params["optim.lr"] for t in trials}) == 3
     for t in trials:  # each trial kept its own values and got its own job's value
         assert float(by_num[t.number].data.params["optim.lr"]) == t.params["optim.lr"]
         assert t.value == pytest.approx(by_num[t.number].data.metrics["best/val/chosen_bpb"], rel=1e-9)

@@ -119,9 +119,15 @@ class SearchSweeper(Sweeper):
             if url.startswith("sqlite") else url
         mode = str(self.config.selection.mode)
         direction = "minimize" if mode == "min" else "maximize"
+        done = 0
+        try:
+            done = len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
+        except KeyError:  # a new study
+            pass
         # pruner: null means no pruning (Optuna's own default would be a median pruner).
-        study = optuna.create_study(storage=storage, study_name=name, direction=direction, sampler=self.sampler,
-                                    pruner=self.pruner or optuna.pruners.NopPruner(), load_if_exists=True)
+        study = optuna.create_study(storage=storage, study_name=name, direction=direction,
+                                    sampler=build(self.sampler, seed_offset=done),
+                                    pruner=build(self.pruner) or optuna.pruners.NopPruner(), load_if_exists=True)
         if study.direction.name.lower() != direction:
             raise OrpolabError(f"study {name!r} in {url} was created to {study.direction.name.lower()}, but "
                                f"selection.mode={mode} asks to {direction}; start a new search with sweep_id=<name>")
@@ -271,6 +277,24 @@ class SearchSweeper(Sweeper):
         sweep_dir = str(Path(str(self.config.hydra.sweep.dir)).resolve())
         parent = tracking.find_sweep_run(mlcfg.tracking_uri, exp.experiment_id, sweep_dir) if exp else None
         return tracking.find_job_run(mlcfg.tracking_uri, parent.info.run_id, str(number)) if parent else None
+
+
+def build(node: Any, seed_offset: int = 0) -> Any:
+    """A sampler or pruner from its config (``_target_``), or as given.
+
+    A seeded sampler of a study that already has trials gets its seed plus their number: rebuilt with
+    the same seed in a new command, it would draw the same values again, and a resumed search would
+    repeat its first trials. The seed still makes the whole search reproducible: it depends only on
+    the command and the study's history.
+    """
+    from hydra.utils import instantiate
+
+    if not isinstance(node, (DictConfig, dict)):
+        return node
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    if seed_offset and values.get("seed") is not None:
+        values["seed"] = int(values["seed"]) + seed_offset
+    return instantiate(values)
 
 
 def shlex_join(parts: list[str]) -> str:
