@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         from orpolab.core.stage_config import refuse_other_groups
 
         refuse_other_groups(args.overrides, ("export",), "python -m orpolab.export")
+        if args.quant:  # checked before anything is looked up
+            ExportConfig.from_node({"quant_types": args.quant})
         parent = sweep_parent(uri, args.experiment, args.sweep_dir, args.run_id)
         sweep = Path(parent.data.tags[tracking.SWEEP_TAG])
         cfg = stage_settings(sweep, args.overrides)
