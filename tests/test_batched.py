@@ -215,13 +215,16 @@ def test_a_kill_mid_batch_then_a_rerun_judges_only_the_missing_answers(gguf, tmp
     assert all(v["score"] in (1, 2, 3) for v in verdicts)
 
 
-def test_sampled_answers_do_not_depend_on_batch_make_up(llm):
+def test_sampled_answers_do_not_depend_on_order_or_resumption(llm):
+    from orpolab.evaluate.generate import answer_seed
+
     requests = requests_for(llm)
     for i, r in enumerate(requests):
-        r.seed = 1000 + i
-    alone = {c.index: c.tokens for c in decode(llm, requests, 1, temperature=0.9)}
-    together = {c.index: c.tokens for c in decode(llm, requests, 4, temperature=0.9)}
-    assert together == alone
+        r.seed = answer_seed(0, "winner", f"p{i}")
+    assert len({r.seed for r in requests}) == len(requests) and answer_seed(0, "winner", "p0") == requests[0].seed
+    forward = {c.index: c.tokens for c in decode(llm, requests, 1, temperature=0.9)}
+    backward = {len(requests) - 1 - c.index: c.tokens for c in decode(llm, requests[::-1], 1, temperature=0.9)}
+    assert backward == forward  # each answer's draws come from its own seed, not from what ran before it
 
 
 def test_kv_cache_estimate_and_refusal():
