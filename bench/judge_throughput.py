@@ -8,7 +8,8 @@ A random-weight Phi-3.5-mini (Flow-Judge-v0.1's base) is built, converted and qu
 prompt (RESPONSE_CORRECTNESS_5POINT: query, reference answer, response, rubric) for realistic
 questions and answers, two answers per question judged back to back (the second copies the
 question's KV cache), tokenized by Phi-3's real tokenizer. The same verdicts are decoded with 1, 2,
-4 and 8 sequences per batch (split KV cache, the default), and with one unified cache at 4 and 8.
+4 and 8 sequences per batch (at most as many as verdicts; split KV cache, the default), and with one
+unified cache at 4.
 
 Random weights write random (but grammatical) verdicts, so the feedback is bounded by
 ``--feedback-chars``; verdicts per minute are also given for a typical 150-token verdict, from the
@@ -26,8 +27,9 @@ from common import DEFAULT_OUT, ROOT, cores, write_section
 from models import build_ggufs, build_hf, memory_bandwidth_gbs
 
 PRESETS = {
-    "phi35mini": {"shape": "phi35mini", "questions": 3, "feedback_chars": 80},
-    "tiny": {"shape": "tiny_phi", "questions": 1, "feedback_chars": 20},
+    # Few verdicts: every setting pays their prompts (about 2,000 tokens at 45 tokens/s on 2 idle cores).
+    "phi35mini": {"shape": "phi35mini", "questions": 2, "feedback_chars": 30},
+    "tiny": {"shape": "tiny_phi", "questions": 2, "feedback_chars": 20},
 }
 # Before batched decoding (BENCHMARKS.md, judge-phi35mini): verdicts/min for a 150-token verdict, question reused.
 TODAY_RATE = 2.05
@@ -94,7 +96,9 @@ def main() -> None:
             pp_tps = prompt_rate(llm, n_ctx_seq)
             print(f"prompt rate {pp_tps:.1f} tokens/s, bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
             runs = []
-            for parallel, unified in [(n, False) for n in PARALLEL] + [(4, True), (8, True)]:
+            # No more sequences per batch than verdicts: a larger setting would decode the same batches.
+            settings = [(n, False) for n in PARALLEL if n <= len(requests)] + [(min(4, len(requests)), True)]
+            for parallel, unified in settings:
                 runs.append(run_setting(llm, requests, parallel, n_ctx_seq, grammar, kv_unified=unified))
                 print({k: v for k, v in runs[-1].items() if k != "tokens"}, flush=True)
             weight_bytes = file_bytes(gguf)

@@ -250,7 +250,7 @@ class GenerationConfig:
     threads: int | None = None
     # Answers decoded together per llama.cpp batch (one pass over the weights serves all of them).
     parallel: int = 4
-    # One KV cache for all sequences (true) or one per sequence (false: as one at a time, bit for bit).
+    # One KV cache for all sequences (true) or one per sequence (false).
     kv_unified: bool = False
 
 
