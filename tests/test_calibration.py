@@ -283,3 +283,48 @@ def test_judge_identity_hashes_once_per_path_size_and_mtime(tmp_path, monkeypatc
     # A new mtime: hashed again.
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert judge_identity(path, cache_file)["sha256"] == hashlib.sha256(bytes(reversed(data))).hexdigest()[:12]
+
+
+class StreamingBackend(RecordingBackend):
+    """A backend that judges a whole list at once (as ``LlamaCppFlowJudge.verdicts`` does) and returns the
+    verdicts in reverse order; its score is the answer's length mod 5 + 1, so the order matters."""
+
+    def __init__(self, scores: list[int]):
+        super().__init__(scores, "")
+        self.calls: list[int] = []
+
+    def _generate(self, prompt: str) -> str:
+        self.prompts.append(prompt)
+        answer = prompt.split("<response>\n", 1)[1].split("\n</response>", 1)[0]
+        return f"<feedback>ok</feedback>\n<score>{len(answer) % 5 + 1}</score>"
+
+    def verdicts(self, prompts):
+        self.calls.append(len(prompts))
+        replies = [self._generate(p) for p in prompts]
+        yield from reversed(list(enumerate(replies)))
+
+
+def test_calibration_batches_a_metrics_verdicts_and_matches_one_at_a_time(tmp_path, judge_file):
+    pairs, checkable, _ = task(4)
+    streaming: list[StreamingBackend] = []
+
+    def batched(scores):
+        streaming.append(StreamingBackend(scores))
+        return streaming[-1]
+
+    class OneAtATime(StreamingBackend):
+        verdicts = None  # the scorer falls back to flow-judge's evaluate, one verdict per call
+
+    with flow_judge_scorer(batched) as scorer:
+        many = calibrate(scorer, METRIC, pairs, checkable, CHECKER, tmp_path / "a", judge_file, size=100,
+                         n_resamples=50)
+    with flow_judge_scorer(OneAtATime) as scorer:
+        one = calibrate(scorer, METRIC, pairs, checkable, CHECKER, tmp_path / "b", judge_file, size=100,
+                        n_resamples=50)
+    (backend,) = streaming
+    assert backend.calls == [8, 8]  # one call per metric: the pairs (reference-free), the checked answers
+    assert many["judged"] == one["judged"] == 16
+    for key in ("pairwise", "auc", "counts"):
+        assert many[key] == one[key]
+    lines = sorted((tmp_path / "a").glob("*/verdicts.jsonl"))[0].read_text().splitlines()
+    assert len(lines) == 16

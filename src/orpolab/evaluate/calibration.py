@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -338,8 +338,14 @@ def calibrate(score_fn: ScoreFn, metric: Metric, pairs: Iterable[dict], checkabl
             if it.key not in seen:
                 seen.add(it.key)
                 todo.append(it)
-        for it in tqdm(todo, desc=f"calibrating the judge ({metric.name})", unit="verdict", disable=None):
-            score = score_fn(it.metric, dict(it.inputs), it.answer)
+        # A scorer that can judge several at once (flow_judge_scorer over a batched backend) streams
+        # (index, score) as verdicts finish, in any order; each is saved as it comes, as one at a time.
+        many = getattr(score_fn, "many", None)
+        requests = [(it.metric, dict(it.inputs), it.answer) for it in todo]
+        stream = many(requests) if many is not None else ((i, score_fn(*r)) for i, r in enumerate(requests))
+        for i, score in tqdm(stream, total=len(todo), desc=f"calibrating the judge ({metric.name})",
+                             unit="verdict", disable=None):
+            it = todo[i]
             score = int(score) if score is not None and score >= 0 else None
             append_jsonl(verdicts_file, {"item": it.key, "role": it.role, "score": score})
             scores[it.key] = score
@@ -366,7 +372,7 @@ class FlowJudgeScorer:
         self.backends: dict[tuple[int, ...], BaseFlowJudgeModel] = {}
         self.judges: dict[str, Any] = {}
 
-    def __call__(self, metric: Metric, inputs: dict[str, str], answer: str) -> int | None:
+    def _judge(self, metric: Metric) -> Any:
         from flow_judge import FlowJudge
 
         scale = tuple(sorted(r.score for r in metric.rubric))
@@ -375,8 +381,41 @@ class FlowJudgeScorer:
             if scale not in self.backends:
                 self.backends[scale] = self.backend_factory(list(scale))
             judge = self.judges[metric.name] = FlowJudge(metric=metric, model=self.backends[scale], output_dir=None)
-        score = judge.evaluate(eval_input(metric, inputs, answer)).score
-        return score if score in scale else None
+        return judge
+
+    @staticmethod
+    def _on_scale(metric: Metric, score: int) -> int | None:
+        return score if score in {r.score for r in metric.rubric} else None
+
+    def __call__(self, metric: Metric, inputs: dict[str, str], answer: str) -> int | None:
+        score = self._judge(metric).evaluate(eval_input(metric, inputs, answer)).score
+        return self._on_scale(metric, score)
+
+    def many(self, requests: list[tuple[Metric, dict[str, str], str]]) -> Iterator[tuple[int, int | None]]:
+        """(index, score) for every (metric, inputs, answer), each as soon as its verdict is written.
+
+        A backend with ``verdicts`` (``LlamaCppFlowJudge``: several per llama.cpp batch) gets all of a
+        metric's prompts at once; flow-judge formats the prompts and parses the verdicts as in
+        ``evaluate``. Other backends judge one at a time.
+        """
+        from flow_judge import EvalOutput
+
+        by_metric: dict[str, list[int]] = {}
+        for i, (metric, _, _) in enumerate(requests):
+            by_metric.setdefault(metric.name, []).append(i)
+        for indices in by_metric.values():
+            metric = requests[indices[0]][0]
+            judge = self._judge(metric)
+            stream = getattr(judge.model, "verdicts", None)
+            if stream is None:
+                for i in indices:
+                    yield i, self(*requests[i])
+                continue
+            inputs = [eval_input(metric, requests[i][1], requests[i][2]) for i in indices]
+            for one in inputs:
+                judge._validate_inputs(one)
+            for k, raw in stream([judge._format_prompt(one) for one in inputs]):
+                yield indices[k], self._on_scale(metric, EvalOutput.parse(raw).score)
 
     def close(self) -> None:
         """Close the backends that were opened (a llama.cpp model holds GBs of memory)."""
