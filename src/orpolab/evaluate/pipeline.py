@@ -24,6 +24,7 @@ on another machine evaluates there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -646,16 +647,23 @@ def main(argv: list[str] | None = None) -> int:
         ev = Evaluation(args.sweep_dir, uri, args.overrides)
         console.log_to(ev.sweep / "logs" / "evaluation.log")  # libraries' logs; the console keeps orpolab's lines
         llamacpp.route_logs(ev.sweep / "logs" / "llama.cpp.log")
-        for stage in args.stage or STAGES:
-            print(f"  {stage}: {STAGE_TITLES[stage]} ...", flush=True)
-            if stage == "report":
-                path = ev.report(Path(args.report_dir) if args.report_dir else root / "report")
-                from orpolab.evaluate.report import headline
+        try:
+            for stage in args.stage or STAGES:
+                print(f"  {stage}: {STAGE_TITLES[stage]} ...", flush=True)
+                if stage == "report":
+                    path = ev.report(Path(args.report_dir) if args.report_dir else root / "report")
+                    from orpolab.evaluate.report import headline
 
-                results = json.loads((ev.out / "results.json").read_text())
-                print("\n".join(headline(results, ev.export)), flush=True)
-                print(f"report: {path}", flush=True)
-            else:
-                getattr(ev, stage)()
+                    results = json.loads((ev.out / "results.json").read_text())
+                    print("\n".join(headline(results, ev.export)), flush=True)
+                    print(f"report: {path}", flush=True)
+                else:
+                    getattr(ev, stage)()
+        except BaseException as err:
+            # The evaluation's nested MLflow run shows FAILED rather than RUNNING forever; a re-run reopens it.
+            if isinstance(ev._run, tracking.JobRun):
+                with contextlib.suppress(Exception):
+                    ev._run.fail(err)
+            raise
 
     return console.run_cli(evaluate, args.debug)
