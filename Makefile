@@ -62,9 +62,7 @@ test: tiny-models smollm2
 # The engines that scale out, each started on this machine and stopped afterwards (tests/cluster, not part of
 # `make test`): a single-node Slurm cluster from Debian's packages (root; scripts/slurm-local.sh), a local Ray
 # cluster in its own venv (.cache/ray-venv, scripts/ray-venv.sh) and an MLflow server over HTTP.
-# Sets up first only on a fresh clone, so that a finished set-up is not rebuilt for it.
-test-cluster:
-	@test -f $(STAMP) || $(MAKE) setup
+test-cluster: tiny-models
 	$(BIN)/python -m pytest -q -p no:randomly --durations=5 tests/cluster
 
 lint: $(STAMP)
