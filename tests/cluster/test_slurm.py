@@ -83,4 +83,5 @@ def test_preempted_slurm_job_resumes_into_its_run_and_post_stages_are_a_slurm_jo
     assert job_state(slurm, post) == "COMPLETED", post_log[-3000:]
     assert "verification (GGUF vs merged PyTorch model" in post_log
     assert json.loads((sweep_dir / "export" / "export.json").read_text())["passed"]
-    assert (tmp_path / "report" / "sweep" / "report.md").is_file()
+    reports = sorted((tmp_path / "report" / "sweep").glob("*/report.md"))  # one folder per evaluation
+    assert len(reports) == 1 and (tmp_path / "report" / "latest" / "report.md").resolve() == reports[0].resolve()
