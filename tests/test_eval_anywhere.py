@@ -163,3 +163,17 @@ def test_a_moved_sweep_without_checkpoints_or_mlflow_evaluates_and_reports(sweep
     assert "**MLflow was not updated**" in report and "## Scores" in report
     client = MlflowClient(empty_store)
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_a_failed_evaluation_marks_its_nested_run_failed(sweep, tmp_path):
+    from orpolab.core import tracking
+
+    own = private_copy(sweep, tmp_path)
+    parent = json.loads((own["dir"] / "export" / "export.json").read_text())["parent_run_id"]
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    # The report stage reopens the evaluation's nested run, then cannot write under a file.
+    proc = evaluate_cli(own["dir"], own["uri"], "--stage", "report", "--report-dir", str(blocker / "report"))
+    assert proc.returncode != 0
+    (run,) = runs_of(own["uri"], parent, tracking.EVALUATION_ROLE)
+    assert run.info.status == "FAILED" and "orpolab.error" in run.data.tags
