@@ -19,7 +19,7 @@ from pathlib import Path
 
 from batched_decode import PARALLEL, bound_seconds, divergence, file_bytes, gen_rate, prompt_rate, run_setting
 from common import DEFAULT_OUT, cores, write_section
-from models import build_ggufs, build_hf, memory_bandwidth_gbs
+from models import memory_bandwidth_gbs, random_gguf
 
 PRESETS = {
     "llama1b": {"shape": "llama1b", "prompts": 8, "max_tokens": 64},
@@ -49,11 +49,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="orpolab-bench-") as tmp:
         work = Path(tmp)
-        print(f"building a random model at {p['shape']} shapes ...", flush=True)
-        hf_dir = build_hf(p["shape"], work / "hf", dtype="bfloat16")
-        gguf = build_ggufs(hf_dir, work / "gguf", [args.quant], f"{p['shape']}-random")[args.quant]
-        for f in (work / "gguf").glob("*-f16.gguf"):
-            f.unlink()
+        gguf = random_gguf(p["shape"], work, args.quant)
         llm = open_gguf(gguf, 256)
         try:
             requests = [Request(chat_prompt(llm, [{"role": "user", "content": q}])[0], p["max_tokens"])

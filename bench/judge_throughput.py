@@ -24,7 +24,7 @@ from pathlib import Path
 
 from batched_decode import PARALLEL, bound_seconds, divergence, file_bytes, gen_rate, prompt_rate, run_setting
 from common import DEFAULT_OUT, ROOT, cores, write_section
-from models import build_ggufs, build_hf, memory_bandwidth_gbs
+from models import memory_bandwidth_gbs, random_gguf
 
 PRESETS = {
     # Few verdicts: every setting pays their prompts (about 2,000 tokens at 45 tokens/s on 2 idle cores).
@@ -73,11 +73,7 @@ def main() -> None:
     metric = metric_by_name("RESPONSE_CORRECTNESS_5POINT")
     with tempfile.TemporaryDirectory(prefix="orpolab-bench-") as tmp:
         work = Path(tmp)
-        print(f"building a random model at {p['shape']} shapes ...", flush=True)
-        hf_dir = build_hf(p["shape"], work / "hf", dtype="bfloat16")
-        gguf = build_ggufs(hf_dir, work / "gguf", [args.quant], f"{p['shape']}-random")[args.quant]
-        for f in (work / "gguf").glob("*-f16.gguf"):
-            f.unlink()  # only the judge's quantization is needed from here on
+        gguf = random_gguf(p["shape"], work, args.quant)
         judge = FlowJudge(metric=metric, model=formatter(), output_dir=str(work / "fj"))
         items = [(q, ref, a) for q, ref in QUESTIONS[: p["questions"]] for a in answers(ref)]
         prompts = [judge._format_prompt(EvalInput(inputs=[{"query": q}, {"reference_answer": ref}],

@@ -99,3 +99,14 @@ def memory_bandwidth_gbs(size_mib: int = 1024, repeats: int = 5) -> float:
         b.copy_(a)
         best = min(best, time.perf_counter() - t0)
     return 2 * a.numel() * 4 / best / 1e9
+
+
+def random_gguf(shape: str, work: Path, quant: str) -> Path:
+    """A random-weight model at ``shape``'s sizes as one GGUF in ``quant`` (the f16 step is deleted: only
+    the quantization the benchmark times is kept, a 3.8B f16 file is 7 GB)."""
+    print(f"building a random model at {shape} shapes ...", flush=True)
+    hf_dir = build_hf(shape, work / "hf", dtype="bfloat16")
+    gguf = build_ggufs(hf_dir, work / "gguf", [quant], f"{shape}-random")[quant]
+    for f in (work / "gguf").glob("*-f16.gguf"):
+        f.unlink()
+    return gguf
