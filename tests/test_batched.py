@@ -13,7 +13,9 @@ from omegaconf import OmegaConf
 from orpolab.core.config import GenerationConfig
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import read_jsonl
-from orpolab.evaluate.batched import BatchedDecoder, Request, chat_prompt, check_memory, kv_bytes_per_token
+from orpolab.evaluate import batched
+from orpolab.evaluate.batched import (BatchedDecoder, Request, chat_prompt, check_memory, context_for,
+                                        kv_bytes_per_token)
 from orpolab.export.llamacpp import open_gguf
 
 QUESTIONS = ["What is 2 + 2?", "Name three colours.", "Write one sentence about the sea.", "Say hi."]
@@ -227,10 +229,29 @@ def test_sampled_answers_do_not_depend_on_order_or_resumption(llm):
     assert backward == forward  # each answer's draws come from its own seed, not from what ran before it
 
 
-def test_kv_cache_estimate_and_refusal():
+def test_kv_cache_estimate_clamps_parallel_to_free_memory(monkeypatch):
     phi35 = {"general.architecture": "phi3", "phi3.block_count": "32", "phi3.attention.head_count": "32",
              "phi3.embedding_length": "3072"}
-    assert kv_bytes_per_token(phi35) == 32 * 32 * 2 * 96 * 2  # 384 KiB per token: no grouped KV heads
-    with pytest.raises(OrpolabError, match="set parallel to at most"):
-        check_memory(phi35, 10**6, 4096)
-    check_memory(phi35, 1, 16)
+    per_token = 32 * 32 * 2 * 96 * 2
+    assert kv_bytes_per_token(phi35) == per_token  # 384 KiB per token: no grouped KV heads
+    monkeypatch.setattr(batched, "available_memory", lambda: 10 * 2**30)
+    # 0.8 x 10 GiB holds int(8 GiB / (1,300 x 384 KiB)) = 16 sequences of 1,300 tokens: 16 of 64 asked.
+    assert check_memory(phi35, 64, 1300) == int(0.8 * 10 * 2**30 // (1300 * per_token)) == 16
+    assert check_memory(phi35, 4, 1300) == 4
+    with pytest.raises(OrpolabError, match="lower n_ctx"):
+        check_memory(phi35, 1, 10**6)
+
+
+def test_the_decoder_takes_fewer_sequences_when_they_do_not_fit_and_says_so(llm, monkeypatch):
+    per_seq = kv_bytes_per_token(llm.metadata) * 256
+    monkeypatch.setattr(batched, "available_memory", lambda: int(3.5 * per_seq / 0.8))
+    with BatchedDecoder(llm, 8, 256) as decoder:
+        assert decoder.parallel == 3 and "decoding 3 at a time" in decoder.note
+        out = list(decoder.run([Request(llm.tokenize(b"hello there"), 4) for _ in range(5)]))
+    assert len(out) == 5
+
+
+def test_context_is_sized_to_the_requests_within_the_limit():
+    requests = [Request([1] * 100, 128), Request([1] * 40, 128)]
+    assert context_for(requests, 2048) == 256  # 228 cells, in whole blocks of 64
+    assert context_for(requests, 200) == 200

@@ -112,7 +112,7 @@ class BatchedDecoder:
     """Up to ``parallel`` sequences decoded together in one llama.cpp context of the model ``llm`` holds.
 
     ``n_ctx_seq``: the most tokens (prompt and completion) one sequence may hold. The context has room
-    for ``parallel`` such sequences. ``grammar``: GBNF text constraining every completion (rule
+    for ``parallel`` such sequences, or for as many as fit in free memory (then ``note`` says so). ``grammar``: GBNF text constraining every completion (rule
     ``root``), or None. The context is the decoder's own (``llm``'s is left alone), freed by
     :meth:`close`.
     """
@@ -126,7 +126,11 @@ class BatchedDecoder:
         self.llm, self.parallel, self.n_ctx_seq = llm, parallel, n_ctx_seq
         self.grammar = grammar.encode() if grammar else None
         self.temperature, self.kv_unified = float(temperature), kv_unified
-        check_memory(llm.metadata, parallel, n_ctx_seq)
+        # Fewer sequences than asked when their KV cache would not fit; `note` tells the caller why.
+        self.parallel = check_memory(llm.metadata, parallel, n_ctx_seq)
+        self.note = (f"{parallel} sequences per batch do not fit in free memory; decoding {self.parallel} at a time"
+                     if self.parallel < parallel else None)
+        parallel = self.parallel
         params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
         params.n_ctx = parallel * n_ctx_seq
         params.n_batch = params.n_ubatch = min(params.n_ctx, MAX_BATCH_TOKENS)
@@ -348,15 +352,30 @@ def available_memory() -> int:
     return 1 << 50
 
 
-def check_memory(metadata: dict[str, str], parallel: int, n_ctx_seq: int, share: float = 0.8) -> None:
-    """Refuse, with the largest ``parallel`` that fits, a KV cache bigger than ``share`` of free memory."""
+def check_memory(metadata: dict[str, str], parallel: int, n_ctx_seq: int, share: float = 0.8) -> int:
+    """How many of ``parallel`` sequences of ``n_ctx_seq`` tokens fit in ``share`` of free memory.
+
+    ``parallel`` is a most, not a must: a default chosen for speed on one machine may not fit another,
+    and fewer sequences per batch only cost speed. Refused, with a sentence, when not even one fits.
+    """
     per_seq = kv_bytes_per_token(metadata) * n_ctx_seq
     free = available_memory()
-    if per_seq * parallel > share * free:
-        fits = int(share * free // max(1, per_seq))
-        need = per_seq * parallel / 2**30
-        raise OrpolabError(f"{parallel} sequences of {n_ctx_seq} tokens need a KV cache of {need:.1f} GiB and "
-                           f"{free / 2**30:.1f} GiB are free: set parallel to at most {max(1, fits)} (or lower n_ctx)")
+    fits = int(share * free // max(1, per_seq))
+    if fits < 1:
+        raise OrpolabError(f"one sequence of {n_ctx_seq} tokens needs a KV cache of {per_seq / 2**30:.1f} GiB and "
+                           f"{free / 2**30:.1f} GiB are free: lower n_ctx")
+    return min(parallel, fits)
+
+
+def context_for(requests: list[Request], limit: int) -> int:
+    """Tokens per sequence for these requests: the longest prompt plus its budget, at most ``limit``.
+
+    The KV cache is ``parallel`` times this, so sizing it to the requests rather than to the configured
+    window lets many more sequences share a batch (a 100-token prompt with a 128-token answer needs
+    228 cells, not 2,048).
+    """
+    need = max((len(r.tokens) + r.max_tokens for r in requests), default=1)
+    return max(1, min(limit, -(-need // 64) * 64))  # whole blocks of 64: fewer differently sized contexts
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -47,7 +47,7 @@ def answer_prompts(gguf: Path, prompts: list[dict], out_file: Path, cfg: Generat
     context window (minus the token budget) are skipped and recorded with ``skipped:
     "prompt_too_long"`` so they are counted, not silently lost.
     """
-    from orpolab.evaluate.batched import BatchedDecoder, Request, chat_prompt
+    from orpolab.evaluate.batched import BatchedDecoder, Request, chat_prompt, context_for
 
     done = {row["id"]: row for row in read_jsonl(out_file)}
     todo = [p for p in prompts if p["id"] not in done]
@@ -68,8 +68,11 @@ def answer_prompts(gguf: Path, prompts: list[dict], out_file: Path, cfg: Generat
                 asked.append(prompt)
             started, tokens_seen = time.time(), 0
             bar = tqdm(total=len(requests), desc=f"answers: {label}", unit="prompt", disable=None)
-            with bar, BatchedDecoder(llm, cfg.parallel, cfg.n_ctx, temperature=cfg.temperature,
+            # Each sequence gets the room these prompts need (at most n_ctx), so more fit in memory.
+            with bar, BatchedDecoder(llm, cfg.parallel, context_for(requests, cfg.n_ctx), temperature=cfg.temperature,
                                      kv_unified=cfg.kv_unified) as decoder:
+                if decoder.note:
+                    tqdm.write(f"    {label}: {decoder.note}")
                 for n, out in enumerate(decoder.run(requests), start=1):
                     prompt = asked[out.index]
                     row = {"id": prompt["id"], "model": label, "answer": out.text, "finish_reason": out.finish_reason,

@@ -96,7 +96,7 @@ class LlamaCppFlowJudge(BaseFlowJudgeModel):
         A prompt too long for the context gets ``""`` (flow-judge's parser turns it into score -1,
         counted as a failure).
         """
-        from orpolab.evaluate.batched import BatchedDecoder, Request, chat_prompt
+        from orpolab.evaluate.batched import BatchedDecoder, Request, chat_prompt, context_for
 
         requests, indices = [], []
         for i, prompt in enumerate(prompts):
@@ -108,9 +108,17 @@ class LlamaCppFlowJudge(BaseFlowJudgeModel):
             indices.append(i)
         if not requests:
             return
+        # The KV cache is sized to the verdicts at hand (at most n_ctx per sequence), and kept for the next
+        # call (whose prompts may reuse what it holds) unless that call needs longer sequences.
+        need = context_for(requests, self.n_ctx)
+        if self._decoder is not None and self._decoder.n_ctx_seq < need:
+            self._decoder.close()
+            self._decoder = None
         if self._decoder is None:
-            self._decoder = BatchedDecoder(self.llm, self.parallel, self.n_ctx, grammar=self.grammar,
+            self._decoder = BatchedDecoder(self.llm, self.parallel, need, grammar=self.grammar,
                                            kv_unified=self.kv_unified)
+            if self._decoder.note:
+                print(f"    judge: {self._decoder.note}", flush=True)
         for done in self._decoder.run(requests):
             yield indices[done.index], done.text
 
