@@ -14,8 +14,7 @@ from orpolab.core.config import GenerationConfig
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import read_jsonl
 from orpolab.evaluate import batched
-from orpolab.evaluate.batched import (BatchedDecoder, Request, chat_prompt, check_memory, context_for,
-                                        kv_bytes_per_token)
+from orpolab.evaluate.batched import BatchedDecoder, Request, chat_prompt, check_memory, context_for, kv_bytes_per_token
 from orpolab.export.llamacpp import open_gguf
 
 QUESTIONS = ["What is 2 + 2?", "Name three colours.", "Write one sentence about the sea.", "Say hi."]
@@ -104,6 +103,20 @@ def test_a_sequence_finishing_early_neither_stops_nor_corrupts_the_others(llm, o
         assert_same_up_to_near_ties(llm, requests[i], one_at_a_time[i].tokens, got[i].tokens)
 
 
+def test_a_lone_lead_byte_followed_by_tokens_without_text_stops_at_the_budget(llm):
+    import llama_cpp
+
+    vocab = llm._model.vocab
+    lead = next(t for t in range(llm.n_vocab()) if llm.detokenize([t]) == b"\xe3")  # starts a 3-byte character
+    blank = next(t for t in range(llm.n_vocab())
+                 if llm.detokenize([t]) == b"" and not llama_cpp.llama_vocab_is_eog(vocab, t))
+    with BatchedDecoder(llm, 1, 64) as decoder:
+        slot = batched._Slot(0, Request(llm.tokenize(b"hi"), 5), None, prompt_done=2, reused=0)
+        steps = [decoder._step(slot, token) for token in [lead] + [blank] * 20]
+    done = [s for s in steps if s is not None]
+    # Without the cap the character never completes and the sequence grows until its KV cells run out.
+    assert steps.index(done[0]) == 4 and done[0].finish_reason == "length" and len(done[0].tokens) == 5
+
 def test_shared_prefix_is_copied_not_decoded_again(llm):
     question = "Explain in one sentence why the sky is blue. " * 4
     prompts = [question + "Answer briefly.", question + "Answer in detail."]
@@ -146,6 +159,27 @@ def test_verdicts_batched_equal_sequential_and_all_parse(gguf, tmp_path):
     parsed = [EvalOutput.parse(raw[i]) for i in range(len(items))]
     assert all(p.score in scores for p in parsed)  # the grammar held in every sequence: no parse failure (-1)
     assert all(alone[i].text.startswith("<feedback>") and alone[i].text.endswith("</score>") for i in alone)
+
+
+def test_the_judge_sizes_its_kv_cache_to_the_verdicts_and_grows_it_only_when_needed(gguf):
+    from orpolab.evaluate.judge import LlamaCppFlowJudge
+
+    backend = LlamaCppFlowJudge(gguf, [1, 2, 3, 4, 5], max_tokens=0, max_feedback_chars=8, n_ctx=4096, parallel=2)
+    try:
+        def need(prompt: str) -> int:
+            return len(chat_prompt(backend.llm, [{"role": "user", "content": prompt}])[0]) + backend.max_tokens
+
+        short, long = "Rate: hi.", "Rate this. " + "word " * 300
+        assert len(dict(backend.verdicts([short]))) == 1
+        first = backend._decoder
+        assert need(short) <= first.n_ctx_seq < need(short) + 64  # not the 4,096-token window
+        assert len(dict(backend.verdicts([long]))) == 1
+        second = backend._decoder
+        assert second is not first and need(long) <= second.n_ctx_seq < need(long) + 64
+        list(backend.verdicts([short]))
+        assert backend._decoder is second  # a shorter call keeps the larger cache and what it holds
+    finally:
+        backend.close()
 
 
 class Interrupted(Exception):

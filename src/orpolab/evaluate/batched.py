@@ -112,9 +112,9 @@ class BatchedDecoder:
     """Up to ``parallel`` sequences decoded together in one llama.cpp context of the model ``llm`` holds.
 
     ``n_ctx_seq``: the most tokens (prompt and completion) one sequence may hold. The context has room
-    for ``parallel`` such sequences, or for as many as fit in free memory (then ``note`` says so). ``grammar``: GBNF text constraining every completion (rule
-    ``root``), or None. The context is the decoder's own (``llm``'s is left alone), freed by
-    :meth:`close`.
+    for ``parallel`` such sequences, or for as many as fit in free memory (then ``note`` says so).
+    ``grammar``: GBNF text constraining every completion (rule ``root``), or None. The context is the
+    decoder's own (``llm``'s is left alone), freed by :meth:`close`.
     """
 
     def __init__(self, llm, parallel: int, n_ctx_seq: int, grammar: str | None = None, temperature: float = 0.0,
@@ -309,6 +309,10 @@ class BatchedDecoder:
                     slot.multibyte_fix = num - k
         if slot.multibyte_fix > 0:
             slot.multibyte_fix -= 1
+            # create_completion waits for the character's end past the budget, and forever where tokens
+            # with no text follow a lone lead byte; the sequence's KV cells are sized to the budget.
+            if len(slot.generated) >= req.max_tokens:
+                return self._finish(slot, text, "length")
             return None
         stops = [s.encode() for s in req.stop if s.encode() in text]
         if stops:
