@@ -1,9 +1,12 @@
-"""Shared by the judge and answer benchmarks: batched decoding timed at 1, 2, 4, 8 sequences per batch.
+"""Shared by the judge and answer benchmarks: batched decoding timed at 1 to 32 sequences per batch.
 
 Each setting decodes the same requests with :class:`orpolab.evaluate.batched.BatchedDecoder` (the
-code the evaluation runs). Beside the measured rate, a bound from the same run: prompt tokens at the
-measured prompt rate (one 512-token decode, compute bound) plus, per generation step, one pass over
-the weights and the sequences' KV caches at the measured memory bandwidth.
+code the evaluation runs). Beside the measured rate, a bound from the same run (a roofline): prompt
+tokens at the measured prompt rate (one 512-token decode, compute bound) plus, per generation step,
+the slower of one pass over the weights and the sequences' KV caches at the measured memory
+bandwidth and the step's tokens at the measured compute rate of generated tokens (a 512-token
+decode with logits for every token: each generated token also pays the output layer). On few cores
+the compute term is the one that binds from a few sequences per batch on.
 """
 
 from __future__ import annotations
@@ -12,18 +15,33 @@ import time
 from pathlib import Path
 
 PARALLEL = (1, 2, 4, 8)
+# llama.cpp's CPU kernels for K-quants are efficient from 16 rows on (tiles of 16): answers go further.
+ANSWER_PARALLEL = (1, 2, 4, 8, 16, 32)
 
 
-def prompt_rate(llm, n_ctx: int, n_tokens: int = 512) -> float:
-    """Prompt tokens per second of one full batch (the compute-bound rate)."""
+def prompt_rate(llm, n_ctx: int, n_tokens: int = 512, all_logits: bool = False) -> float:
+    """Tokens per second of one full batch (the compute-bound rate).
+
+    ``all_logits``: every token's logits, as for generated tokens (a prompt needs only its last one's):
+    the rate at which a batch of generated tokens can go at best.
+    """
+    import llama_cpp
+
     from orpolab.evaluate.batched import BatchedDecoder, Request
 
     vocab = llm.n_vocab()
     tokens = [1] + [2 + (i * 37) % (vocab - 2) for i in range(n_tokens - 1)]
-    with BatchedDecoder(llm, 1, n_ctx) as decoder:
+    with BatchedDecoder(llm, 1, max(n_ctx, n_tokens)) as decoder:
         list(decoder.run([Request(tokens[:32], 1)]))  # warm-up: page the weights in
+        llama_cpp.llama_memory_seq_rm(decoder.memory, 0, -1, -1)
+        batch = decoder.batch
+        for i, token in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = token, i, 1, 0
+            batch.logits[i] = int(all_logits or i == n_tokens - 1)
+        batch.n_tokens = n_tokens
         t0 = time.perf_counter()
-        list(decoder.run([Request(tokens, 1)]))
+        if llama_cpp.llama_decode(decoder.ctx, batch) != 0:
+            raise RuntimeError("llama.cpp could not decode the timing batch")
         return n_tokens / (time.perf_counter() - t0)
 
 
@@ -44,11 +62,12 @@ def run_setting(llm, requests: list, parallel: int, n_ctx_seq: int, grammar: str
 
 
 def bound_seconds(run: dict, pp_tps: float, weight_bytes: int, kv_per_token: int, bandwidth: float,
-                  mean_context: float) -> float:
-    """Prompt at the measured prompt rate + each generation step reading the weights and the caches once."""
+                  mean_context: float, gen_tps: float) -> float:
+    """Prompt at the measured prompt rate + each generation step at the slower of reading the weights and
+    the caches once and computing its tokens at the measured generated-token rate ``gen_tps``."""
     steps = run["gen_tokens"] / run["parallel"]  # full batches: every step serves `parallel` sequences
-    step_s = (weight_bytes + run["parallel"] * mean_context * kv_per_token) / bandwidth
-    return run["prompt_tokens"] / pp_tps + steps * step_s
+    read_s = (weight_bytes + run["parallel"] * mean_context * kv_per_token) / bandwidth
+    return run["prompt_tokens"] / pp_tps + steps * max(read_s, run["parallel"] / gen_tps)
 
 
 def divergence(run: dict, reference: dict) -> float:

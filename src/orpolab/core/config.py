@@ -249,7 +249,7 @@ class GenerationConfig:
     n_ctx: int = 1024
     threads: int | None = None
     # Answers decoded together per llama.cpp batch (one pass over the weights serves all of them).
-    parallel: int = 4
+    parallel: int = 32
     # One KV cache for all sequences (true) or one per sequence (false).
     kv_unified: bool = False
 
@@ -275,7 +275,7 @@ class JudgeConfig:
     # Judge only the first N evaluation prompts (null: all); the checked figures use every prompt.
     max_prompts: int | None = None
     # Verdicts decoded together per llama.cpp batch, and whether they share one KV cache (as for answers).
-    parallel: int = 2
+    parallel: int = 1
     kv_unified: bool = False
 
 
