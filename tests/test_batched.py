@@ -110,12 +110,17 @@ def test_a_lone_lead_byte_followed_by_tokens_without_text_stops_at_the_budget(ll
     lead = next(t for t in range(llm.n_vocab()) if llm.detokenize([t]) == b"\xe3")  # starts a 3-byte character
     blank = next(t for t in range(llm.n_vocab())
                  if llm.detokenize([t]) == b"" and not llama_cpp.llama_vocab_is_eog(vocab, t))
+    text = llm.tokenize(b"ok", add_bos=False)  # the check for an unfinished character looks at 3 bytes
+    budget = len(text) + 4
     with BatchedDecoder(llm, 1, 64) as decoder:
-        slot = batched._Slot(0, Request(llm.tokenize(b"hi"), 5), None, prompt_done=2, reused=0)
-        steps = [decoder._step(slot, token) for token in [lead] + [blank] * 20]
+        slot = batched._Slot(0, Request(llm.tokenize(b"hi"), budget), None, prompt_done=2, reused=0)
+        steps = [decoder._step(slot, token) for token in text + [lead] + [blank] * 20]
     done = [s for s in steps if s is not None]
     # Without the cap the character never completes and the sequence grows until its KV cells run out.
-    assert steps.index(done[0]) == 4 and done[0].finish_reason == "length" and len(done[0].tokens) == 5
+    assert done, "the completion never stopped"
+    assert steps.index(done[0]) == budget - 1 and done[0].finish_reason == "length" and len(done[0].tokens) == budget
+    assert done[0].text == "ok"  # the unfinished character is dropped
+
 
 def test_shared_prefix_is_copied_not_decoded_again(llm):
     question = "Explain in one sentence why the sky is blue. " * 4
