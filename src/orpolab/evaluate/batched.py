@@ -123,14 +123,14 @@ class BatchedDecoder:
 
         if parallel < 1:
             raise OrpolabError(f"sequences per batch must be at least 1, got {parallel}")
+        # Fewer sequences than asked when their KV cache would not fit; `note` tells the caller why.
+        fits = check_memory(llm.metadata, parallel, n_ctx_seq)
+        self.note = (f"{parallel} sequences per batch do not fit in free memory; decoding {fits} at a time"
+                     if fits < parallel else None)
+        parallel = fits
         self.llm, self.parallel, self.n_ctx_seq = llm, parallel, n_ctx_seq
         self.grammar = grammar.encode() if grammar else None
         self.temperature, self.kv_unified = float(temperature), kv_unified
-        # Fewer sequences than asked when their KV cache would not fit; `note` tells the caller why.
-        self.parallel = check_memory(llm.metadata, parallel, n_ctx_seq)
-        self.note = (f"{parallel} sequences per batch do not fit in free memory; decoding {self.parallel} at a time"
-                     if self.parallel < parallel else None)
-        parallel = self.parallel
         params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
         params.n_ctx = parallel * n_ctx_seq
         params.n_batch = params.n_ubatch = min(params.n_ctx, MAX_BATCH_TOKENS)

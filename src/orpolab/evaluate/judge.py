@@ -118,7 +118,7 @@ class LlamaCppFlowJudge(BaseFlowJudgeModel):
             self._decoder = BatchedDecoder(self.llm, self.parallel, need, grammar=self.grammar,
                                            kv_unified=self.kv_unified)
             if self._decoder.note:
-                print(f"    judge: {self._decoder.note}", flush=True)
+                tqdm.write(f"    judge: {self._decoder.note}")  # above the stage's progress bar
         for done in self._decoder.run(requests):
             yield indices[done.index], done.text
 
