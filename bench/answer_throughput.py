@@ -1,4 +1,4 @@
-"""Answer throughput: the evaluation's answers at Llama-3.2-1B's shapes on the CPU, 1 to 8 per llama.cpp batch.
+"""Answer throughput: the evaluation's answers at Llama-3.2-1B's shapes on the CPU, 1 to 32 per llama.cpp batch.
 
     python bench/answer_throughput.py              # Llama-3.2-1B shapes, Q4_K_M; about 15 min on 2 cores
     python bench/answer_throughput.py --gguf F     # the same with a GGUF built before (skips the build)
@@ -7,10 +7,11 @@ A random-weight Llama-3.2-1B is built, converted and quantized to Q4_K_M (the wi
 evaluation). The same prompts, in the model's chat template, are answered as the generate stage
 answers them (``orpolab.evaluate.batched.BatchedDecoder``, greedy, the stage's default budget of 128
 tokens, the KV cache sized to the prompts) with 1, 2, 4, 8, 16 and 32 sequences per batch (split KV
-cache, the default) and with one unified cache at 16. Reported:
-answer tokens per second, the bound from the same run (prompts at the measured prompt rate, each
-generation step one pass over the weights and caches at the measured bandwidth) and how many answers
-differ, token for token, from those decoded one at a time.
+cache, the default) and with one unified cache at 16. Reported: answer tokens per second, the bound
+from the same run (prompts at the measured prompt rate; each generation step the slower of one pass
+over the weights and caches at the measured bandwidth and its tokens at the measured rate of
+generated tokens), the most any batch size could reach, and how many answers differ, token for
+token, from those decoded one at a time.
 """
 
 from __future__ import annotations
@@ -116,10 +117,8 @@ def report(args, p: dict, runs: list[dict], lengths: list[int], pp_tps: float, g
         "and every answer token at the generated-token rate, the compute 2 cores have.",
     ])
     raw = {"preset": p, "prompt_tps": pp_tps, "gen_compute_tps": gen_tps, "bandwidth": bandwidth,
-           "weight_bytes": weight_bytes,
-           "kv_per_token": kv_per_token, "prompt_tokens": lengths,
+           "weight_bytes": weight_bytes, "kv_per_token": kv_per_token, "prompt_tokens": lengths, "ceiling": ceiling,
            "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in runs],
-           "ceiling": ceiling,
            "rows": [{"measured": m, "bound": b, "generation": g, "divergence": d} for _, m, b, g, d in rows]}
     write_section(f"answers-batched-{args.preset}", body, args.out, raw=raw)
     print(body)

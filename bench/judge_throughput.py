@@ -83,8 +83,7 @@ def main() -> None:
                                                   output={"response": a})) for q, ref, a in items]
         # The prompts as Flow Judge's real (Phi-3) tokenizer sees them, chat template included: the
         # random model's own tokenizer is a tiny one built here and would make them 3x longer.
-        ids = [real_tokens(pr) for pr in prompts]
-        globals().pop("_VOCAB").close()  # now: at interpreter exit llama-cpp-python can no longer free it
+        ids = real_tokens(prompts)
         requests = [Request(x, p["verdict_tokens"]) for x in ids]
         n_ctx_seq = context_for(requests, 4096)  # as the judge sizes it
         grammar = verdict_grammar([r.score for r in metric.rubric], FEEDBACK_CHARS)
@@ -122,18 +121,19 @@ def formatter():
     return Formatter(model_id="formatter", model_type="none", generation_params={})
 
 
-def real_tokens(prompt: str) -> list[int]:
+def real_tokens(prompts: list[str]) -> list[list[int]]:
     """Phi-3.5's chat template and tokenizer (llama.cpp's vocabulary-only Phi-3 GGUF, from the sdist)."""
     from llama_cpp import Llama
 
     from orpolab.export.llamacpp import converter_dir
 
-    global _VOCAB
-    if "_VOCAB" not in globals():
-        path = converter_dir(ROOT / ".cache") / "models" / "ggml-vocab-phi-3.gguf"
-        _VOCAB = Llama(model_path=str(path), vocab_only=True, verbose=False)
-    text = f"<|user|>\n{prompt}<|end|>\n<|assistant|>\n"
-    return _VOCAB.tokenize(text.encode(), add_bos=True, special=True)
+    path = converter_dir(ROOT / ".cache") / "models" / "ggml-vocab-phi-3.gguf"
+    vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        return [vocab.tokenize(f"<|user|>\n{p}<|end|>\n<|assistant|>\n".encode(), add_bos=True, special=True)
+                for p in prompts]
+    finally:
+        vocab.close()  # now: at interpreter exit llama-cpp-python can no longer free it
 
 
 def report(args, p: dict, runs: list[dict], ids: list[list[int]], pp_tps: float, gen_tps: float, bandwidth: float,
@@ -182,10 +182,8 @@ def report(args, p: dict, runs: list[dict], ids: list[list[int]], pp_tps: float,
         "generated-token rate, the compute 2 cores have.",
     ])
     raw = {"preset": p, "prompt_tps": pp_tps, "gen_compute_tps": gen_tps, "bandwidth": bandwidth,
-           "weight_bytes": weight_bytes,
-           "kv_per_token": kv_per_token, "prompt_tokens": lengths,
+           "weight_bytes": weight_bytes, "kv_per_token": kv_per_token, "prompt_tokens": lengths, "ceiling": ceiling,
            "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in runs],
-           "ceiling": ceiling,
            "rows": [{"measured": m, "bound": b, "generation": g, "divergence": d} for _, m, b, g, d in rows]}
     write_section(f"judge-batched-{args.preset}", body, args.out, raw=raw)
     print(body)
