@@ -109,26 +109,27 @@ def load(model_dir: Path, dtype: str, device: str):
 
 
 def orpolab_data(preset: Preset, work: Path, tokenizer):
-    from orpolab.core.config import DataConfig
+    from orpolab.core.defaults import default_settings
     from orpolab.train.data import prepare
 
-    cfg = DataConfig(path=str(work / "pairs.jsonl"), eval_size=2, split_seed=SEED, max_length=preset.max_length,
-                     max_prompt_length=preset.max_prompt_length, batch_size=preset.batch_size,
-                     eval_batch_size=preset.batch_size, cache_dir=str(work / "tokenized"), group_by_length=True)
+    cfg = default_settings("data", path=str(work / "pairs.jsonl"), eval_size=2, split_seed=SEED,
+                           max_length=preset.max_length, max_prompt_length=preset.max_prompt_length,
+                           batch_size=preset.batch_size, eval_batch_size=preset.batch_size,
+                           cache_dir=str(work / "tokenized"), group_by_length=True)
     return cfg, prepare(cfg, tokenizer)
 
 
 def run_orpolab(preset: Preset, work: Path, dtype: str, device: str) -> dict:
-    from orpolab.core.config import MethodConfig, ModelConfig, OptimConfig
+    from orpolab.core.defaults import default_settings
     from orpolab.train.data import PreferenceDataModule
     from orpolab.train.model import load_tokenizer
     from orpolab.train.module import PreferenceModule
 
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(work / "model")))
+    tokenizer = load_tokenizer(default_settings("model", name_or_path=str(work / "model")))
     data_cfg, data = orpolab_data(preset, work, tokenizer)
     model = lora(load(work / "model", dtype, "cpu"))
-    module = PreferenceModule(model, MethodConfig(name="orpo", beta=BETA, nll_on="full"),
-                              OptimConfig(lr=LR, warmup_ratio=0.0, schedule="constant"))
+    module = PreferenceModule(model, default_settings("method", "method=orpo", beta=BETA, nll_on="full"),
+                              default_settings("optim", lr=LR, warmup_ratio=0.0, schedule="constant"))
     timer = StepTimer(preset.warmup_steps)
     precision = "bf16-mixed" if dtype == "bfloat16" and device != "cpu" else "32-true"
     trainer = L.Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, precision=precision,
@@ -229,12 +230,12 @@ def run_trl(preset: Preset, work: Path, dtype: str, device: str) -> dict:
 
 def compare_losses(preset: Preset, work: Path, dtype: str, device: str) -> dict:
     """Both losses on the same first batches: our tokenized pairs, one LoRA model, both code paths."""
-    from orpolab.core.config import MethodConfig, ModelConfig, OptimConfig
+    from orpolab.core.defaults import default_settings
     from orpolab.train.data import PairCollator
     from orpolab.train.model import load_tokenizer
     from orpolab.train.module import PreferenceModule
 
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(work / "model")))
+    tokenizer = load_tokenizer(default_settings("model", name_or_path=str(work / "model")))
     _, data = orpolab_data(preset, work, tokenizer)
     model = lora(load(work / "model", dtype, device))
     gen = torch.Generator().manual_seed(1)
@@ -243,7 +244,8 @@ def compare_losses(preset: Preset, work: Path, dtype: str, device: str) -> dict:
             if "lora_B" in name:
                 p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
     trainer = trl_trainer(preset, work, model, dtype, device, 1)
-    ours = PreferenceModule(model, MethodConfig(name="orpo", beta=BETA, nll_on="full"), OptimConfig())
+    ours = PreferenceModule(model, default_settings("method", "method=orpo", beta=BETA, nll_on="full"),
+                            default_settings("optim"))
     collate = PairCollator(tokenizer.pad_token_id)
     rows = []
     for start in range(0, 3 * preset.batch_size, preset.batch_size):

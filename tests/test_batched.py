@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from orpolab.core.config import GenerationConfig
+from orpolab.core.defaults import default_settings
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import read_jsonl
 from orpolab.evaluate import batched
@@ -195,7 +195,7 @@ def test_a_kill_mid_batch_then_a_rerun_answers_only_the_missing_prompts(gguf, tm
     from orpolab.evaluate import generate
 
     prompts = [{"id": f"p{i}", "prompt": q} for i, q in enumerate(QUESTIONS)]
-    cfg = GenerationConfig(max_tokens=MAX_TOKENS, n_ctx=256, threads=2, parallel=4)
+    cfg = default_settings("evaluation.generation", max_tokens=MAX_TOKENS, n_ctx=256, threads=2, parallel=4)
     out_file = tmp_path / "answers.jsonl"
     saved, asked = generate.append_jsonl, []
 

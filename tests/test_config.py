@@ -2,35 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 from pathlib import Path
 
 import pytest
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import open_dict
+from omegaconf import MISSING, OmegaConf, open_dict
 
 from orpolab.core import config as schema
 from orpolab.core.config import ExportConfig, MethodConfig, settings
+from orpolab.core.defaults import default_settings
 from orpolab.core.errors import OrpolabError
+from orpolab.core.stage_config import compose_stage
 from orpolab.core.tracking import flatten
-from orpolab.core.validate import validate
+from orpolab.core.validate import export_quant_types, validate
 from orpolab.sweep import preflight
 from orpolab.sweep.sweep_id import derive
 
 from .conftest import RANDOM_TINY, ROOT, compose, run_train
 
-# Every option of every group; the root's own defaults fill in the rest.
-OPTIONS = [
-    *[f"model={m}" for m in ("llama1b", "llama3b", "phi35", "mistral_small", "hf", "tiny_llama", "tiny_phi",
-                             "tiny_mistral")],
-    *[f"data={d}" for d in ("orpo_dpo_mix", "pairs", "sample")],
-    *[f"method={m}" for m in ("orpo", "dpo", "simpo", "sft")],
-    "lora=qlora", "experiment=demo", "trainer=cpu", "trainer=gpu", "trainer=ddp",
-    *[f"eval_prompts={p}" for p in ("heldout", "finetome", "sample")],
-    "hydra/launcher=parallel",
-]
+CONF = ROOT / "conf"
+# Every option of every group (the files under conf/); the root's own defaults fill in the rest.
+OPTIONS = [*(f"{f.parent.name}={f.stem}" for f in sorted(CONF.glob("*/*.yaml")) if f.parent.name != "hydra"),
+           "hydra/launcher=parallel"]
+# The values a user must give: model=hf names no model, data=pairs no data set.
+MANDATORY = {"model=hf": {"model.name_or_path"}, "data=pairs": {"data.path"}}
 # A config that passes validation without local files: the default hub model on the bundled data.
 VALID = ["data=sample", "eval_prompts=sample"]
 
@@ -47,10 +47,14 @@ def composition_error(overrides: list[str], tmp_path: Path) -> str:
     return f"{info.value} {info.value.__cause__ or ''}"
 
 
-def test_every_group_option_composes(tmp_path):
+def test_every_group_option_composes_with_every_value_set(tmp_path):
+    """The schema leaves every value the YAML files hold MISSING: each option must still compose complete."""
+    assert len(OPTIONS) > 30
     for option in OPTIONS:
         cfg = compose([option], tmp_path)
         assert cfg.method.name in ("orpo", "dpo", "simpo", "sft"), option
+        missing = OmegaConf.missing_keys(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+        assert missing == MANDATORY.get(option, set()), option
     demo = compose(["experiment=demo", "method=dpo"], tmp_path)
     assert demo.optim.lr == 5.0e-5  # ${lr_per_method.${method.name}}: the enum resolves as its name
 
@@ -94,6 +98,8 @@ def test_typo_or_wrong_type_in_a_yaml_file_names_the_file_and_the_key(tmp_path):
     (["orpo.beta=0"], "orpo.beta must be positive, got 0.0"),
     (["method=dpo", "method.beta=-0.1"], "method.beta must be positive, got -0.1"),
     (["method=simpo", "method.beta=0"], "method.beta must be positive"),
+    # Set directly, method.beta is what ORPO trains with, whatever orpo.beta holds.
+    (["orpo.beta=0", "method.beta=0"], "method.beta must be positive, got 0.0 (method orpo)"),
     (["optim.lr=-1.0"], "optim.lr must be positive, got -1.0"),
     (["method=dpo", "method.label_smoothing=0.5"], "method.label_smoothing must be in [0, 0.5), got 0.5"),
     (["data.max_prompt_length=160"], "data.max_prompt_length (160) must be positive and below data.max_length (160)"),
@@ -109,6 +115,7 @@ def test_typo_or_wrong_type_in_a_yaml_file_names_the_file_and_the_key(tmp_path):
     (["evaluation.judge.max_prompts=0"], "evaluation.judge.max_prompts must be null (all) or at least 1, got 0"),
     (["evaluation.quants=[F16,Q8_0]"], "evaluation.quants: Q8_0 not exported; add to export.quant_types"),
     (["model=hf"], "model.name_or_path: Missing mandatory value"),
+    (["data=pairs"], "data.path: Missing mandatory value"),  # not orpo_dpo_mix's, which pairs.yaml once extended
     (["experiment=demo", "method=dpo", "~lr_per_method.dpo"],
      "optim.lr: Interpolation key 'lr_per_method.dpo' not found"),
 ])
@@ -117,6 +124,16 @@ def test_validator_names_each_bad_value(tmp_path, overrides, message):
     with pytest.raises(OrpolabError) as info:
         validate(cfg)
     assert message in str(info.value)
+
+
+def test_a_value_is_named_by_the_key_it_was_typed_under():
+    cfg = OmegaConf.create({"orpo": {"beta": 0.1}, "a": "${orpo.beta}", "method": {"beta": "${a}", "lr": 1.0,
+                            "x": "${oc.env:HOME}", "y": "${orpo.beta}/2", "loop": "${method.loop}"}})
+    assert schema.typed_key(cfg, "method.beta") == "orpo.beta"  # through a chain of interpolations
+    assert schema.typed_key(cfg, "method.lr") == "method.lr"
+    assert schema.typed_key(cfg, "method.x") == "method.x"  # a resolver's value: its own key
+    assert schema.typed_key(cfg, "method.y") == "method.y"  # a string composed from one
+    assert schema.typed_key(cfg, "method.loop") == "method.loop"
 
 
 def test_validator_reports_every_problem_in_one_line(tmp_path):
@@ -201,10 +218,91 @@ def test_every_choice_is_named_as_its_value():
 
 
 def test_export_settings_outside_hydra_are_checked_the_same_way():
-    cfg = ExportConfig.from_node({"quant_types": ["q8_0"], "verify": {"max_ppl_ratio": {"Q8_0": 1.1}}})
-    assert cfg.quant_types == ["Q8_0"] and cfg.verify.max_ppl_ratio["Q8_0"] == 1.1
+    assert export_quant_types(["q8_0", "Q4_K_M"]) == ["Q8_0", "Q4_K_M"]  # the export's --quant
+    with pytest.raises(OrpolabError, match="export.quant_types: unknown quantization type.s. Q3_K; choose from Q8_0"):
+        export_quant_types(["q8_0", "q3_k"])
+    with pytest.raises(OrpolabError, match="export.quant_types must not include F16"):
+        export_quant_types(["f16"])
+    saved = OmegaConf.to_container(OmegaConf.structured(default_settings("export")))  # a saved sweep config
+    assert settings(ExportConfig, saved, "export") == default_settings("export")
+    saved["verify"]["max_ppl_ratio"]["Q4_KM"] = 1.2
     with pytest.raises(OrpolabError, match=r"export.verify.max_ppl_ratio.Q4_KM: Key 'Q4_KM' is incompatible .*"
                                            r"valid: \[F16, Q8_0, Q4_K_M"):
-        ExportConfig.from_node({"verify": {"max_ppl_ratio": {"Q4_KM": 1.2}}})
-    with pytest.raises(OrpolabError, match="export.quant_types must not include F16"):
-        ExportConfig.from_node({"quant_types": ["F16"]})
+        settings(ExportConfig, saved, "export")
+
+
+def yaml_settings(file: Path) -> tuple[list[str], dict]:
+    """Where a YAML file under conf/ writes (its package as key parts: [] for the root) and what, as written."""
+    rel = file.relative_to(CONF)
+    values = OmegaConf.to_container(OmegaConf.load(file), resolve=False)
+    values.pop("defaults", None)
+    root = rel == Path("train.yaml") or "# @package _global_" in file.read_text()
+    return ([] if root else [rel.parts[0]]), values
+
+
+def defaults_beside_yaml(cls: type, path: list[str], values: dict, file: str) -> list[str]:
+    """Each key that a YAML file sets while the schema's dataclass also holds a default for it."""
+    found = []
+    hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in fields:
+            continue  # hydra: (no schema), or a key the schema refuses while composing
+        kind, f = hints[key], fields[key]
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            found += defaults_beside_yaml(kind, [*path, key], value, file)
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is not dataclasses.MISSING and default != MISSING:  # a field without a default is mandatory
+            found.append(f"{file} sets {'.'.join([*path, key])}: {value!r}, and {cls.__name__}.{key} "
+                         f"defaults to {default!r}{'' if default == value else ' (they differ)'}")
+    return found
+
+
+def test_each_value_has_one_home_the_yaml_files():
+    """A key any YAML file sets has no default in the schema (orpolab.core.config), so they cannot drift."""
+    found, checked = [], 0
+    for file in sorted(CONF.rglob("*.yaml")):
+        if file.relative_to(CONF).parts[0] == "hydra":
+            continue  # Hydra's own settings, no schema of ours
+        path, values = yaml_settings(file)
+        for part in reversed(path):
+            values = {part: values}
+        found += defaults_beside_yaml(schema.TrainConfig, [], values, str(file.relative_to(ROOT)))
+        checked += 1
+    assert checked > 30
+    assert not found, "\n".join(found)
+    # The check itself: a default beside a YAML value is found, and named with both values.
+    drifted = defaults_beside_yaml(DriftedJudge, ["evaluation", "judge"], {"parallel": 1, "n_ctx": 4096}, "x.yaml")
+    assert drifted == ["x.yaml sets evaluation.judge.parallel: 1, and DriftedJudge.parallel defaults to 2 "
+                       "(they differ)"]
+
+
+@dataclasses.dataclass
+class DriftedJudge:
+    parallel: int = 2
+    n_ctx: int = MISSING
+
+
+def test_a_sweep_folder_of_an_older_layout_is_refused_with_what_to_do(tmp_path):
+    sweep, job = tmp_path / "sweep", tmp_path / "sweep" / "0"
+    (job / ".hydra").mkdir(parents=True)
+    evaluate = ("evaluation", "eval_prompts")
+    with pytest.raises(OrpolabError) as info:
+        compose_stage(sweep, job, [], evaluate, "python -m orpolab.evaluate")
+    message = str(info.value)
+    assert f"{sweep} was written by an orpolab older than 86983ec (2026-11-24) (the job folder {job} has no " \
+           ".hydra/config.yaml)" in message
+    assert f"move {sweep / 'export'} aside and run `python -m orpolab.export {sweep}`" in message
+    # A job recorded with settings of another shape (a key this version's schema requires is not there).
+    recorded = OmegaConf.to_container(compose(VALID, tmp_path / "out"), resolve=False)
+    recorded.pop("hydra")
+    del recorded["model"]["lr"]
+    OmegaConf.save(OmegaConf.create(recorded), job / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(VALID), job / ".hydra" / "overrides.yaml")
+    with pytest.raises(OrpolabError, match=r"older than 86983ec .*its job's settings do not match this version's: "
+                                           r"model.lr: .*missing mandatory value"):
+        compose_stage(sweep, job, [], evaluate, "python -m orpolab.evaluate")
+    recorded["model"]["lr"] = None  # the same job as this version records it
+    OmegaConf.save(OmegaConf.create(recorded), job / ".hydra" / "config.yaml")
+    cfg = compose_stage(sweep, job, ["evaluation.judge.max_prompts=3"], evaluate, "python -m orpolab.evaluate")
+    assert cfg.evaluation.judge.max_prompts == 3 and cfg.model.lr is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from orpolab.core.config import DataConfig
+from orpolab.core.defaults import default_settings
 from orpolab.core.errors import OrpolabError
 from orpolab.train.data import PairCollator, prepare, tokenize_pair
 from orpolab.train.data import tokenize as data_mod
@@ -33,9 +35,9 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def cfg_for(tmp_path: Path, train: Path, eval_: Path | None = None, **kw) -> DataConfig:
     # Validation and test from files: the rows a test writes are all trained on.
-    return DataConfig(path=str(train), eval_path=str(eval_ or train), test_path=str(eval_ or train),
-                      cache_dir=str(tmp_path / "cache"),
-                      max_length=kw.pop("max_length", 128), max_prompt_length=kw.pop("max_prompt_length", 48), **kw)
+    return default_settings("data", path=str(train), eval_path=str(eval_ or train), test_path=str(eval_ or train),
+                            cache_dir=str(tmp_path / "cache"), max_length=kw.pop("max_length", 128),
+                            max_prompt_length=kw.pop("max_prompt_length", 48), **kw)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -159,10 +161,10 @@ def test_split_is_deterministic_and_disjoint(tiny_models, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_models / "tiny_llama")
     rows = [row(chosen=f"{i} + 7 = {i + 7}.", rejected=f"{i} + 7 = {i + 8}.") for i in range(50)]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    cfg = DataConfig(path=str(train), eval_size=0.2, cache_dir=str(tmp_path / "c1"), max_length=128,
-                     max_prompt_length=48)
+    cfg = default_settings("data", path=str(train), eval_size=0.2, cache_dir=str(tmp_path / "c1"),
+                           max_length=128, max_prompt_length=48)
     a = prepare(cfg, tok)
-    b = prepare(DataConfig(**{**cfg.__dict__, "cache_dir": str(tmp_path / "c2")}), tok)
+    b = prepare(dataclasses.replace(cfg, cache_dir=str(tmp_path / "c2")), tok)
     assert len(a.eval) == 10 and len(a.train) == 39 and a.stats["test_rows"] == 1  # 2% test, never tokenized
     assert a.eval == b.eval
     key = lambda e: tuple(e["chosen_ids"])  # noqa: E731

@@ -140,11 +140,11 @@ def test_evaluation_without_export_says_what_to_run(tmp_path):
 
 
 def test_prompt_longer_than_the_context_is_skipped_and_counted(sweep, tmp_path):
-    from orpolab.core.config import GenerationConfig
+    from orpolab.core.defaults import default_settings
     from orpolab.evaluate.generate import answer_prompts
 
     prompts = [{"id": 0, "prompt": "Let k = 5. What is k?"}, {"id": 1, "prompt": "Let k = 5. " * 200 + "What is k?"}]
     rows = answer_prompts(sweep["dir"] / "export" / "gguf" / "winner-Q4_K_M.gguf", prompts, tmp_path / "a.jsonl",
-                          GenerationConfig(max_tokens=16, n_ctx=256), "winner")
+                          default_settings("evaluation.generation", max_tokens=16, n_ctx=256), "winner")
     assert "answer" in rows[0] and rows[1] == {"id": 1, "model": "winner", "skipped": "prompt_too_long"}
     assert len(read_jsonl(tmp_path / "a.jsonl")) == 2  # written down, not silently lost

@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orpolab.core.config import LoraSettings, ModelConfig, VerifyConfig
+from orpolab.core.config import LoraSettings, ModelConfig
+from orpolab.core.defaults import default_settings
 from orpolab.core.errors import OrpolabError
 from orpolab.export import llamacpp
 from orpolab.export import merge as merge_mod
@@ -111,7 +112,7 @@ def test_verification_fails_a_deliberately_broken_conversion(sweep, tmp_path):
     texts = [tok.apply_chat_template([{"role": "user", "content": f"Let k = {a} and x = 7. What is k?"},
                                       {"role": "assistant", "content": f"k = {a}. The answer is {a}."}],
                                      tokenize=False) for a in range(10, 18)]
-    cfg = VerifyConfig()
+    cfg = default_settings("export.verify")
     good = llamacpp.convert(merged_dir, tmp_path / "good.gguf", CACHE)
     assert verify_gguf(hf, tok, good, texts, "F16", cfg)["passed"]
 
@@ -172,7 +173,6 @@ def test_each_tiny_architecture_converts_quantizes_and_loads(tiny_models, tmp_pa
 
 def test_a_base_model_without_a_chat_template_learns_to_stop_at_the_fallbacks_eos_in_its_gguf(tiny_models,
                                                                                               tracking_uri, tmp_path):
-    from orpolab.core.config import GenerationConfig
     from orpolab.evaluate.generate import answer_prompts
 
     base = tmp_path / "base"  # the random tiny_llama, its chat template removed: a base model
@@ -213,7 +213,7 @@ def test_a_base_model_without_a_chat_template_learns_to_stop_at_the_fallbacks_eo
     # the trained model's end by themselves after an answer; the untrained base's run on.
     prompts = [{"id": i, "prompt": json.loads(line)["prompt"]}
                for i, line in enumerate((ROOT / "data" / "sample" / "prompts.jsonl").read_text().splitlines()[:20])]
-    cfg = GenerationConfig(max_tokens=32, n_ctx=256, threads=1)
+    cfg = default_settings("evaluation.generation", max_tokens=32, n_ctx=256, threads=1)
     trained = answer_prompts(gguf / "winner-f16.gguf", prompts, tmp_path / "winner.jsonl", cfg, "winner")
     untrained = answer_prompts(gguf / "base-f16.gguf", prompts, tmp_path / "base.jsonl", cfg, "base")
     assert sum(a["finish_reason"] == "stop" and "The answer is" in a["answer"] for a in trained) >= 16, trained
@@ -306,10 +306,8 @@ def test_exported_adapter_is_the_best_checkpoint_not_the_last(tiny_models, track
     parent = MlflowClient(tracking_uri).search_runs(["1"])[0]
     assert Path(parent.data.tags["orpolab.best_checkpoint"]).resolve() == Path(best_file).resolve()
     best, last = load_adapter_state(best_file), load_adapter_state(last_file)
-    model = build_adapted(ModelConfig(name_or_path=str(TINY_DIR / "tiny_llama"),
-                                      lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                           "up_proj", "down_proj"]),
-                          LoraSettings(r=16, alpha=32), best_file, torch.float32)
+    model = build_adapted(default_settings("model", "model=tiny_llama", name_or_path=str(TINY_DIR / "tiny_llama")),
+                          default_settings("lora", r=16, alpha=32), best_file, torch.float32)
     key = max(best, key=lambda k: (best[k] - last[k]).abs().max().item())
     assert (best[key] - last[key]).abs().max() > 0
     loaded = dict(model.named_parameters())[key]
@@ -354,14 +352,15 @@ def test_memory_check_stops_a_model_that_does_not_fit(monkeypatch):
 
 
 def test_merge_refuses_when_memory_or_disk_is_short(tiny_models, tmp_path, monkeypatch):
-    model_cfg = ModelConfig(name_or_path=str(TINY_DIR / "tiny_llama"), lora_target_modules="all-linear")
+    model_cfg = default_settings("model", "model=tiny_llama", name_or_path=str(TINY_DIR / "tiny_llama"),
+                                 lora_target_modules="all-linear")
     monkeypatch.setattr(merge_mod, "available_memory", lambda: 1000)
     with pytest.raises(OrpolabError, match="of memory"):
-        merge(model_cfg, LoraSettings(), tmp_path / "x.ckpt", tmp_path / "merged")
+        merge(model_cfg, default_settings("lora"), tmp_path / "x.ckpt", tmp_path / "merged")
     monkeypatch.setattr(merge_mod, "available_memory", lambda: 2**40)
     monkeypatch.setattr(merge_mod, "free_disk", lambda path: 10)
     with pytest.raises(OrpolabError, match="of disk"):
-        merge(model_cfg, LoraSettings(), tmp_path / "x.ckpt", tmp_path / "merged")
+        merge(model_cfg, default_settings("lora"), tmp_path / "x.ckpt", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
 
 

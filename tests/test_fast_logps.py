@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orpolab.core.config import MethodConfig, OptimConfig
+from orpolab.core.defaults import default_settings
 from orpolab.train.data import PairCollator
 from orpolab.train.logps import backbone_and_head
 from orpolab.train.losses import selected_token_logps
@@ -35,7 +35,8 @@ def test_module_forward_equals_the_full_logits_path(tiny_models, method, nll_on)
     batch = PairCollator(tokenizer.pad_token_id)(data.train[:6])
     outs, grads = [], []
     for chunk in (0, 7):  # 0: the model's own full logits (TRL's way); 7: selected positions, in chunks
-        m = PreferenceModule(module.model, MethodConfig(name=method, nll_on=nll_on), OptimConfig(),
+        m = PreferenceModule(module.model, default_settings("method", f"method={method}", nll_on=nll_on),
+                             default_settings("optim"),
                              logps_chunk_size=chunk)
         assert (backbone_and_head(m.model, chunk) is None) == (chunk == 0)
         module.model.zero_grad()

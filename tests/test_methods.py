@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from orpolab.core.config import DataConfig, LoraSettings, MethodConfig, ModelConfig, OptimConfig
+from orpolab.core.defaults import default_settings
 from orpolab.train.data import PairCollator, PreferenceDataModule, prepare
 from orpolab.train.job import run
 from orpolab.train.model import apply_lora, load_model, load_tokenizer
@@ -31,9 +31,9 @@ def test_method_group_sets_each_methods_defaults(tmp_path):
 
 
 def _tiny_dpo_module(seed: int = 0):
-    model_cfg = ModelConfig(name_or_path=str(TINY_DIR / "tiny_llama"), lora_target_modules=["q_proj", "v_proj",
-                                                                                             "up_proj"])
-    lora = LoraSettings(r=4, alpha=8, dropout=0.0)
+    model_cfg = default_settings("model", "model=tiny_llama", name_or_path=str(TINY_DIR / "tiny_llama"),
+                                 lora_target_modules=["q_proj", "v_proj", "up_proj"])
+    lora = default_settings("lora", r=4, alpha=8, dropout=0.0)
     tokenizer = load_tokenizer(model_cfg)
     model = apply_lora(load_model(model_cfg, lora), model_cfg, lora)
     # A trained adapter, in effect: LoRA's B starts at zero, so perturb it or disabling would change nothing.
@@ -42,8 +42,8 @@ def _tiny_dpo_module(seed: int = 0):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    module = PreferenceModule(model, MethodConfig(name="dpo"), OptimConfig())
-    data_cfg = DataConfig(path=str(ROOT / "data" / "sample" / "train.jsonl"),
+    module = PreferenceModule(model, default_settings("method", "method=dpo"), default_settings("optim"))
+    data_cfg = default_settings("data", path=str(ROOT / "data" / "sample" / "train.jsonl"),
                           eval_path=str(ROOT / "data" / "sample" / "eval.jsonl"), max_train_rows=24,
                           max_eval_rows=8, batch_size=4, eval_batch_size=8,
                           cache_dir=str(ROOT / ".cache" / "tokenized"))
@@ -69,7 +69,8 @@ def test_dpo_reference_is_the_base_model_exactly(tiny_models):
     ref = module.reference_logps(batch)
     base = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=torch.float32).eval()
     with torch.no_grad():
-        base_sum = PreferenceModule(base, MethodConfig(name="sft"), OptimConfig())._forward(batch)["sum_logps"]
+        sft = PreferenceModule(base, default_settings("method", "method=sft"), default_settings("optim"))
+        base_sum = sft._forward(batch)["sum_logps"]
         adapted = module._forward(batch)["sum_logps"]
     # Bit for bit: the disabled adapter runs exactly the base layers.
     assert torch.equal(ref, base_sum)

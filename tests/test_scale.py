@@ -260,7 +260,7 @@ def test_on_slurm_only_submitit_requeues_and_another_world_size_cannot_resume_mi
 
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from orpolab.core.config import DataConfig
+    from orpolab.core.defaults import default_settings
     from orpolab.train.data import PreferenceDataModule, PreparedData
     from orpolab.train.job import trainer_plugins
 
@@ -273,7 +273,7 @@ def test_on_slurm_only_submitit_requeues_and_another_world_size_cannot_resume_mi
 
     pair = {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4], "chosen_bytes": 1, "rejected_bytes": 1}
     data = PreparedData([pair] * 4, [pair], {}, "h")
-    dm = PreferenceDataModule(data, DataConfig(path="unused", batch_size=2), pad_token_id=0, seed=1)
+    dm = PreferenceDataModule(data, default_settings("data", path="unused", batch_size=2), pad_token_id=0, seed=1)
     dm.trainer = SimpleNamespace(world_size=1)
     with pytest.raises(OrpolabError, match="cannot resume mid-epoch on 1 device.* written by 2; resume with "
                                            "trainer.devices=2"):

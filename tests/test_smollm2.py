@@ -93,12 +93,12 @@ def test_predictions_agree_with_llama_cpp_on_the_wheel_gguf(smollm2, tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from orpolab.core.config import VerifyConfig
+    from orpolab.core.defaults import default_settings
     from orpolab.export.verify import verify_gguf
 
     model = AutoModelForCausalLM.from_pretrained(smollm2["model"], dtype=torch.float32).eval()
     texts = [PARAGRAPH, tokenizer.apply_chat_template(CHAT, tokenize=False)]
-    result = verify_gguf(model, tokenizer, smollm2["gguf"], texts, "Q4_1", VerifyConfig())
+    result = verify_gguf(model, tokenizer, smollm2["gguf"], texts, "Q4_1", default_settings("export.verify"))
     assert result["token_id_mismatches"] == 0, result["mismatch_examples"]
     # Same weights; llama.cpp rounds activations in its Q4_1 matrix products, hence not exactly 1.
     assert 0.95 < result["ppl_ratio"] < 1.05, result

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from orpolab.core.config import DataConfig
+from orpolab.core.defaults import default_settings
 from orpolab.evaluate.pipeline import load_prompts
 from orpolab.export.pipeline import held_out_texts
 from orpolab.train.data import overlap, split_rows, three_splits
@@ -33,7 +34,8 @@ def prompts(rows: list[dict]) -> set[str]:
 
 def test_carved_splits_are_disjoint_deterministic_and_keep_the_old_validation(tmp_path):
     rows = [pair(i) for i in range(200)]
-    cfg = DataConfig(path=write(tmp_path / "all.jsonl", rows), eval_size=0.1, test_size=30, split_seed=7)
+    cfg = default_settings("data", path=write(tmp_path / "all.jsonl", rows), eval_size=0.1, test_size=30,
+                           split_seed=7)
     a, b = three_splits(cfg), three_splits(cfg)
     assert (len(a.train), len(a.validation), len(a.test)) == (150, 20, 30)
     assert a.train == b.train and a.validation == b.validation and a.test == b.test  # the same for every job
@@ -42,14 +44,19 @@ def test_carved_splits_are_disjoint_deterministic_and_keep_the_old_validation(tm
     # Adding the test split kept the validation rows a sweep selected on before it existed.
     assert a.validation == split_rows(rows, 0.1, 7)[1]
     # Another seed, other rows.
-    assert three_splits(DataConfig(path=cfg.path, eval_size=0.1, test_size=30, split_seed=8)).test != a.test
+    assert three_splits(dataclasses.replace(cfg, split_seed=8)).test != a.test
+
+
+def job_with(data: dict):
+    """A job's recorded config as the stages read it: its data group complete, these keys changed."""
+    return OmegaConf.create({"data": OmegaConf.to_container(OmegaConf.structured(default_settings("data", **data)))})
 
 
 def test_heldout_prompts_come_from_test_never_validation(tmp_path):
     rows = [pair(i) for i in range(100)]
     data = {"path": write(tmp_path / "all.jsonl", rows), "eval_size": 0.2, "test_size": 0.2, "split_seed": 3}
-    splits = three_splits(DataConfig(**data))
-    job_cfg = OmegaConf.create({"data": data})
+    splits = three_splits(default_settings("data", **data))
+    job_cfg = job_with(data)
     heldout = OmegaConf.create({"kind": "heldout", "max_prompts": None, "reference_field": None})
     got = {p["prompt"] for p in load_prompts(heldout, job_cfg)}
     assert got == prompts(splits.test)
@@ -68,8 +75,8 @@ def test_export_verification_never_reads_training_rows(tmp_path):
     for data in ({"path": write(tmp_path / "all.jsonl", rows), "eval_size": 5, "test_size": 5},  # carved
                  {"path": write(tmp_path / "train.jsonl", rows[:40]), "eval_path": write(tmp_path / "val.jsonl",
                   rows[40:45]), "test_path": write(tmp_path / "test.jsonl", rows[45:])}):  # files of their own
-        splits = three_splits(DataConfig(**data))
-        texts, _ = held_out_texts(OmegaConf.create({"data": data}), ChatText(), 8)
+        splits = three_splits(default_settings("data", **data))
+        texts, _ = held_out_texts(job_with(data), ChatText(), 8)
         used = {t.split("\n")[0] for t in texts}
         assert len(texts) == 8 and used <= prompts(splits.validation) | prompts(splits.test)
         assert not used & prompts(splits.train)
@@ -77,7 +84,7 @@ def test_export_verification_never_reads_training_rows(tmp_path):
 
 def test_overlap_of_a_prompt_file_with_training_is_counted(tmp_path):
     rows = [pair(i) for i in range(20)]
-    cfg = DataConfig(path=write(tmp_path / "t.jsonl", rows))
+    cfg = default_settings("data", path=write(tmp_path / "t.jsonl", rows))
     assert overlap(["Let x = 3.   What is x?", "Let x = 99. What is x?", "Let x = 5. What is x?"], rows, cfg) == 2
 
 

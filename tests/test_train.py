@@ -117,11 +117,12 @@ def test_qlora_loads_4bit_base_and_trains_only_the_adapter(tiny_models, tracking
 
     cfg = compose(FAST + ["lora=qlora", "trainer.max_steps=4", "trainer.val_check_interval=4"], tmp_path / "job")
     assert run(cfg) is not None
-    from orpolab.core.config import LoraSettings, ModelConfig
+    from orpolab.core.defaults import default_settings
     from orpolab.train.model import apply_lora, load_model
 
-    model_cfg = ModelConfig(name_or_path=str(tiny_models / "tiny_llama"), lora_target_modules=["q_proj", "v_proj"])
-    lora = LoraSettings(r=4, alpha=8, load_in_4bit=True)
+    model_cfg = default_settings("model", "model=tiny_llama", name_or_path=str(tiny_models / "tiny_llama"),
+                                 lora_target_modules=["q_proj", "v_proj"])
+    lora = default_settings("lora", r=4, alpha=8, load_in_4bit=True)
     model = apply_lora(load_model(model_cfg, lora), model_cfg, lora)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

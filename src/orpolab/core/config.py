@@ -13,7 +13,15 @@ Each dataclass has two uses:
   checked by :func:`orpolab.core.validate.validate`.
 - **Settings.** A stage reads a group as its dataclass: :func:`settings` (``settings(ModelConfig,
   cfg.model)``) merges the node onto the schema, so a job config saved as plain YAML (which the
-  export and the evaluation read) is checked the same way.
+  export and the evaluation read) is checked the same way. Stages read settings only this way,
+  never a node with a default of their own (``node.get("parallel", 1)``).
+
+**One home for each default: the YAML files under ``conf/``.** A field that any YAML file sets is
+``MISSING`` here, so the dataclasses hold types and the files hold values (with the comments that
+say why); a field keeps a default here only where no file sets it (``model.logps_chunk_size``).
+``tests/test_config.py`` fails when a file sets a key that also has a default here. Code that needs
+settings outside a composed config (tests, benchmarks) gets the files' values from
+:func:`orpolab.core.defaults.default_settings`, not from a bare dataclass.
 
 The enums are also plain strings (:class:`Choice`), so the stages compare, format and serialise
 them as the strings the YAML files hold.
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -126,39 +135,42 @@ QUANT_TYPES = tuple(q.value for q in Quant)
 # (python -m orpolab.export / orpolab.evaluate) take overrides of them (orpolab.core.stage_config).
 POST_TRAINING = ("export", "evaluation", "eval_prompts")
 
+# The YAML files of the settings (the project's conf/ folder, beside src/).
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+
 
 @dataclass
 class DataConfig:
     """Where the pairs come from and how they are cut to length (see ``conf/data/``)."""
 
     path: str
-    split: str = "train"
-    schema: DataSchema = DataSchema.messages
-    prompt_column: str = "prompt"
-    chosen_column: str = "chosen"
-    rejected_column: str = "rejected"
-    eval_path: str | None = None
-    eval_split: str = "train"
-    eval_size: float = 0.02  # fraction (<1) or row count (>=1) held out when eval_path is unset
+    split: str = MISSING
+    schema: DataSchema = MISSING
+    prompt_column: str = MISSING
+    chosen_column: str = MISSING
+    rejected_column: str = MISSING
+    eval_path: str | None = MISSING
+    eval_split: str = MISSING
+    eval_size: float = MISSING  # fraction (<1) or row count (>=1) held out when eval_path is unset
     # The test split (evaluation prompts, judge calibration, the report's comparisons): never used to
     # train or to select; carved from the training rows after validation when test_path is unset.
-    test_path: str | None = None
-    test_split: str = "train"
-    test_size: float = 0.02  # fraction (<1) or row count (>=1)
-    max_test_rows: int | None = None
-    split_seed: int = 42
-    max_train_rows: int | None = None
-    max_eval_rows: int | None = None
-    max_length: int = 1024
-    max_prompt_length: int = 512
-    fallback_chat_template: str | None = None
-    batch_size: int = 8
-    eval_batch_size: int = 16
+    test_path: str | None = MISSING
+    test_split: str = MISSING
+    test_size: float = MISSING  # fraction (<1) or row count (>=1)
+    max_test_rows: int | None = MISSING
+    split_seed: int = MISSING
+    max_train_rows: int | None = MISSING
+    max_eval_rows: int | None = MISSING
+    max_length: int = MISSING
+    max_prompt_length: int = MISSING
+    fallback_chat_template: str | None = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
     # Batches of similar length (shuffled groups of 50 batches, sorted within): less padding, as
     # Hugging Face's group_by_length / TRL's train_sampling_strategy="group_by_length".
-    group_by_length: bool = True
-    cache_dir: str = ".cache/tokenized"
-    num_workers: int = 0
+    group_by_length: bool = MISSING
+    cache_dir: str = MISSING
+    num_workers: int = MISSING
 
 
 @dataclass
@@ -166,9 +178,9 @@ class ModelConfig:
     """One entry of ``conf/model/``."""
 
     name_or_path: str
-    dtype: ModelDtype = ModelDtype.float32
+    dtype: ModelDtype = MISSING
     # A list of module names, or "all-linear" (OmegaConf types no union of a list and a string).
-    lora_target_modules: Any = "all-linear"
+    lora_target_modules: Any = MISSING
     attn_implementation: str | None = "sdpa"
     revision: str | None = None
     trust_remote_code: bool = False
@@ -177,24 +189,24 @@ class ModelConfig:
     logps_chunk_size: int = 1024
     # Lineage (who trained the weights this model descends from), not the architecture: SmolLM2 and
     # Llama share ``llama`` in a GGUF. The report warns when a judge judges its own family.
-    family: str | None = None
+    family: str | None = MISSING
     # This model's own learning rate: conf/optim's default uses it when set (a method's lr, or
     # optim.lr=..., still wins).
-    lr: float | None = None
+    lr: float | None = MISSING
 
 
 @dataclass
 class LoraSettings:
     """``conf/lora/``: adapter shape and optional 4-bit base weights (QLoRA)."""
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: Any = None  # None: the model config's targets; else as model.lora_target_modules
-    load_in_4bit: bool = False
-    bnb_4bit_quant_type: FourBitType = FourBitType.nf4
-    bnb_4bit_compute_dtype: ComputeDtype = ComputeDtype.bfloat16
-    bnb_4bit_use_double_quant: bool = True
+    r: int = MISSING
+    alpha: int = MISSING
+    dropout: float = MISSING
+    target_modules: Any = MISSING  # None: the model config's targets; else as model.lora_target_modules
+    load_in_4bit: bool = MISSING
+    bnb_4bit_quant_type: FourBitType = MISSING
+    bnb_4bit_compute_dtype: ComputeDtype = MISSING
+    bnb_4bit_use_double_quant: bool = MISSING
 
 
 @dataclass
@@ -204,98 +216,99 @@ class MethodConfig:
     Fields a method does not use are ignored by it (``gamma`` only matters to SimPO, and so on).
     """
 
-    name: Method = Method.orpo
-    beta: float = 0.1
+    name: Method = MISSING
+    # ORPO's is orpo.beta (conf/method/orpo.yaml interpolates it here): see typed_key.
+    beta: float = MISSING
     # ORPO: NLL over "full" (prompt + response, TRL's default) or "completion". SFT always uses completion.
-    nll_on: NllOn = NllOn.full
+    nll_on: NllOn = MISSING
     # DPO: conservative DPO's label smoothing, and whether to compute the reference once before training.
-    label_smoothing: float = 0.0
-    precompute_ref_logps: bool = True
+    label_smoothing: float = MISSING
+    precompute_ref_logps: bool = MISSING
     # SimPO: target reward margin.
-    gamma: float = 0.5
+    gamma: float = MISSING
     # Dropout off everywhere (LoRA's included), as TRL's trainers do by default.
-    disable_dropout: bool = True
+    disable_dropout: bool = MISSING
 
 
 @dataclass
 class OrpoConfig:
     """``conf/orpo/``: ORPO's parameters, which ``method/orpo.yaml`` hands to ``method``."""
 
-    beta: float = 0.1
-    nll_on: NllOn = NllOn.full
-    disable_dropout: bool = True
+    beta: float = MISSING
+    nll_on: NllOn = MISSING
+    disable_dropout: bool = MISSING
 
 
 @dataclass
 class OptimConfig:
     """``conf/optim/``: AdamW with warmup and a cosine or linear decay, stepped per optimizer step."""
 
-    lr: float = 8e-5
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    schedule: Schedule = Schedule.cosine
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    betas: tuple[float, float] = MISSING
+    eps: float = MISSING
+    warmup_steps: int = MISSING
+    warmup_ratio: float = MISSING
+    schedule: Schedule = MISSING
 
 
 @dataclass
 class GenerationConfig:
     """``evaluation.generation``."""
 
-    max_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    seed: int = 0
-    n_ctx: int = 1024
-    threads: int | None = None
+    max_tokens: int = MISSING
+    temperature: float = MISSING  # 0 = greedy
+    seed: int = MISSING
+    n_ctx: int = MISSING
+    threads: int | None = MISSING
     # Answers decoded together per llama.cpp batch (one pass over the weights serves all of them).
-    parallel: int = 32
+    parallel: int = MISSING
     # One KV cache for all sequences (true) or one per sequence (false).
-    kv_unified: bool = False
+    kv_unified: bool = MISSING
 
 
 @dataclass
 class JudgeConfig:
     """``evaluation.judge``: Flow Judge from the hub or a local GGUF, and the preset metrics it scores."""
 
-    repo_id: str | None = "flowaicom/Flow-Judge-v0.1-GGUF"
-    filename: str | None = "flow-judge-v0.1-Q4_K_M.gguf"
-    path: str | None = None
-    stand_in: bool = False
-    metrics: list[str] = field(default_factory=lambda: ["RESPONSE_CORRECTNESS_5POINT"])
-    max_tokens: int = 400
-    max_feedback_chars: int = 600
-    n_ctx: int = 4096
+    repo_id: str | None = MISSING
+    filename: str | None = MISSING
+    path: str | None = MISSING
+    stand_in: bool = MISSING
+    metrics: list[str] = MISSING
+    max_tokens: int = MISSING
+    max_feedback_chars: int = MISSING
+    n_ctx: int = MISSING
     # The judge's lineage (Flow-Judge-v0.1 is a Phi-3.5-mini fine-tune): self-preference warning.
-    family: str | None = "phi3"
+    family: str | None = MISSING
     # Pairs with known answers the judge scores before the models (cached per judge, metric, prompt
     # template and set); 0: no calibration, and the report says the judge is unmeasured.
-    calibration_size: int = 100
-    calibration_cache: str = ".cache/judge-calibration"
+    calibration_size: int = MISSING
+    calibration_cache: str = MISSING
     # Judge only the first N evaluation prompts (null: all); the checked figures use every prompt.
-    max_prompts: int | None = None
+    max_prompts: int | None = MISSING
     # Verdicts decoded together per llama.cpp batch, and whether they share one KV cache (as for answers).
-    parallel: int = 1
-    kv_unified: bool = False
+    parallel: int = MISSING
+    kv_unified: bool = MISSING
 
 
 @dataclass
 class BootstrapConfig:
     """``evaluation.bootstrap``."""
 
-    n_resamples: int = 1000
-    seed: int = 0
+    n_resamples: int = MISSING
+    seed: int = MISSING
 
 
 @dataclass
 class EvaluationConfig:
     """``conf/evaluation/``."""
 
-    enabled: bool = True
-    quant: Quant = Quant.Q4_K_M
+    enabled: bool = MISSING
+    quant: Quant = MISSING
     # The winner is also answered and judged at each of these (e.g. [F16, Q4_K_M]): what
     # quantization costs, paired against F16. Empty: only ``quant``.
-    quants: list[Quant] = field(default_factory=list)
+    quants: list[Quant] = MISSING
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
@@ -305,61 +318,45 @@ class EvaluationConfig:
 class EvalPromptsConfig:
     """``conf/eval_prompts/``: the prompts both models answer."""
 
-    kind: PromptKind = PromptKind.heldout
-    path: str | None = None
-    split: str | None = None
-    prompt_field: str | None = None
-    reference_field: str | None = None
+    kind: PromptKind = MISSING
+    path: str | None = MISSING
+    split: str | None = MISSING
+    prompt_field: str | None = MISSING
+    reference_field: str | None = MISSING
     # null, or a node with _target_: a checker like orpolab.demo.sample_task.LookupChecker.
-    checker: Any = None
-    max_prompts: int | None = 100
+    checker: Any = MISSING
+    max_prompts: int | None = MISSING
 
 
 @dataclass
 class VerifyConfig:
     """``export.verify``: limits per quantization type; a type without its own limit gets the default."""
 
-    num_texts: int = 24
-    max_ppl_ratio: dict[Quant, float] = field(default_factory=lambda: {"F16": 1.02, "Q8_0": 1.05, "Q4_K_M": 1.3})
-    min_top1_agreement: dict[Quant, float] = field(
-        default_factory=lambda: {"F16": 0.97, "Q8_0": 0.95, "Q4_K_M": 0.85})
-    default_max_ppl_ratio: float = 1.3
-    default_min_top1_agreement: float = 0.85
+    num_texts: int = MISSING
+    max_ppl_ratio: dict[Quant, float] = MISSING
+    min_top1_agreement: dict[Quant, float] = MISSING
+    default_max_ppl_ratio: float = MISSING
+    default_min_top1_agreement: float = MISSING
 
 
 @dataclass
 class ExportConfig:
     """``conf/export/``."""
 
-    enabled: bool = True
-    quant_types: list[Quant] = field(default_factory=lambda: [Quant.Q4_K_M])
-    include_base: bool = True
-    memory_headroom: float = 1.2
-    log_gguf_max_mb: int = 512
+    enabled: bool = MISSING
+    quant_types: list[Quant] = MISSING
+    include_base: bool = MISSING
+    memory_headroom: float = MISSING
+    log_gguf_max_mb: int = MISSING
     verify: VerifyConfig = field(default_factory=VerifyConfig)
-
-    @classmethod
-    def from_node(cls, node: DictConfig | dict | None) -> ExportConfig:
-        """The export settings of a saved sweep config or the export's command line, checked as a sweep's are.
-
-        Quantization types may be given in lower case on the command line (``--quant q8_0``).
-        """
-        values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
-        if values.get("quant_types"):
-            values["quant_types"] = [str(q).upper() for q in values["quant_types"]]
-        cfg = settings(cls, values, "export")
-        from orpolab.core.validate import check_export
-
-        check_export(cfg)
-        return cfg
 
 
 @dataclass
 class SelectionConfig:
     """``selection``: the metric that ranks a sweep's jobs and keeps each job's best checkpoint."""
 
-    metric: str = "val/chosen_bpb"
-    mode: SelectionMode = SelectionMode.min
+    metric: str = MISSING
+    mode: SelectionMode = MISSING
 
 
 @dataclass
@@ -371,28 +368,28 @@ class TrainConfig:
     arguments (checked by Lightning when it builds them) and paths a user may extend.
     """
 
-    paths: dict[str, Any] = field(default_factory=dict)
+    paths: dict[str, Any] = MISSING
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     orpo: OrpoConfig = field(default_factory=OrpoConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    trainer: dict[str, Any] = field(default_factory=dict)
-    callbacks: dict[str, Any] = field(default_factory=dict)
-    logger: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = MISSING
+    callbacks: dict[str, Any] = MISSING
+    logger: dict[str, Any] = MISSING
     export: ExportConfig = field(default_factory=ExportConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     eval_prompts: EvalPromptsConfig = field(default_factory=EvalPromptsConfig)
-    task_name: str = "orpo"
-    seed: int = 42
-    sweep_id: str | None = None
+    task_name: str = MISSING
+    seed: int = MISSING
+    sweep_id: str | None = MISSING
     selection: SelectionConfig = field(default_factory=SelectionConfig)
-    threads: int | None = None
-    eval_before_training: bool = True
-    resume_from: str | None = None
+    threads: int | None = MISSING
+    eval_before_training: bool = MISSING
+    resume_from: str | None = MISSING
     # Experiment presets look values up by method name: optim.lr: ${lr_per_method.${method.name}}
-    lr_per_method: dict[str, float] = field(default_factory=dict)
+    lr_per_method: dict[str, float] = MISSING
 
 
 def register_schemas() -> None:
@@ -414,6 +411,27 @@ def settings(cls: type[T], node: DictConfig | dict | None, key: str) -> T:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
     except OmegaConfBaseException as err:
         raise OrpolabError(describe(err, key)) from err
+
+
+def typed_key(cfg: DictConfig, key: str) -> str:
+    """The key whose value ``key`` holds, following plain interpolations: ``orpo.beta`` for ``method.beta``
+    under ``method=orpo`` (``method.beta: ${orpo.beta}``), ``method.beta`` itself when set directly.
+
+    A message about a value names the key the user typed, decided from the config itself (an
+    interpolation kept in a saved job config counts the same), not guessed from equal values.
+    """
+    seen = {key}
+    while True:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not isinstance(node, DictConfig) or leaf not in node or not OmegaConf.is_interpolation(node, leaf):
+            return key
+        target = str(OmegaConf.to_container(node, resolve=False)[leaf])
+        inner = target[2:-1] if target.startswith("${") and target.endswith("}") else ""
+        if not inner.replace(".", "").replace("_", "").isalnum() or inner.startswith(".") or inner in seen:
+            return key  # a resolver or a composed string: the key itself holds the value
+        seen.add(inner)
+        key = inner
 
 
 def describe(err: OmegaConfBaseException, prefix: str = "") -> str:

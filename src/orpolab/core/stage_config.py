@@ -3,26 +3,39 @@
 ``python -m orpolab.export <sweep> key=value ...`` and ``python -m orpolab.evaluate <sweep> key=value ...``
 change only settings that act after training (:data:`~orpolab.core.config.POST_TRAINING`), each command
 its own groups. The config is composed with Hydra's compose API against ``conf/``, from the overrides the
-job was recorded with (``<job>/.hydra/overrides.yaml``, else the sweep's ``multirun.yaml``) followed by the
+job was recorded with (``<job>/.hydra/overrides.yaml``; for the export, which reads no job's settings, the
+sweep's ``multirun.yaml``) followed by the
 command's (later ones win, as on Hydra's command line). The training groups are then replaced by the job's
 recorded config (``<job>/.hydra/config.yaml``), so a YAML file edited since cannot change what the model
 is said to have been trained as, while ``paths`` stay this machine's (a sweep folder may have moved).
-The stage's groups are checked with the same schema and value checks as ``train.py``, before any work.
+The stage's groups are checked with the same schema and value checks as ``train.py``, before any work,
+and the recorded groups against today's schema: a sweep folder an older orpolab wrote (no recorded job
+folder or settings, or settings of another shape) is refused with what to do (:func:`older_layout`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from orpolab.core.config import POST_TRAINING, EvalPromptsConfig, EvaluationConfig, ExportConfig, describe, settings
+from orpolab.core.config import (
+    CONF_DIR,
+    POST_TRAINING,
+    EvalPromptsConfig,
+    EvaluationConfig,
+    ExportConfig,
+    TrainConfig,
+    describe,
+    settings,
+)
 from orpolab.core.errors import OrpolabError
 
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 SCHEMAS = {"export": ExportConfig, "evaluation": EvaluationConfig, "eval_prompts": EvalPromptsConfig}
 
 
@@ -54,9 +67,9 @@ def refuse_other_groups(overrides: Sequence[str], groups: Sequence[str], command
 
 
 def recorded_overrides(sweep: Path, job_dir: Path | None) -> list[str]:
-    """The overrides a job ran with (its ``.hydra/overrides.yaml``), else the sweep's without its lists."""
-    if job_dir is not None and (job_dir / ".hydra" / "overrides.yaml").is_file():
-        return [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
+    """The overrides a job ran with (its ``.hydra/overrides.yaml``); without a job, the sweep's without its lists."""
+    if job_dir is not None:
+        return [str(o) for o in OmegaConf.load(job_record(sweep, job_dir, "overrides.yaml"))]
     multirun = sweep / "multirun.yaml"
     if multirun.is_file():
         task = OmegaConf.select(OmegaConf.load(multirun), "hydra.overrides.task") or []
@@ -64,16 +77,44 @@ def recorded_overrides(sweep: Path, job_dir: Path | None) -> list[str]:
     return []
 
 
-def recorded_config(job_dir: Path | None, fallback: dict | None = None) -> DictConfig | None:
-    """A job's config as Hydra saved it (interpolations kept), else ``fallback`` (an older export's copy)."""
-    if job_dir is not None and (job_dir / ".hydra" / "config.yaml").is_file():
-        return OmegaConf.load(job_dir / ".hydra" / "config.yaml")
-    return OmegaConf.create(fallback) if fallback else None
+# The commit whose sweep folders the stage commands read: an export records the winner's job folder
+# (export.json's winner.job_dir), whose .hydra/config.yaml holds the settings the job trained with.
+LAYOUT_SINCE = "86983ec (2026-11-24)"
+
+
+def older_layout(sweep: Path, sign: str) -> OrpolabError:
+    """The refusal of a sweep folder an older orpolab wrote (``sign``: what it lacks), saying what to do."""
+    return OrpolabError(f"{sweep} was written by an orpolab older than {LAYOUT_SINCE} ({sign}), which this version "
+                        f"does not read; move {sweep / 'export'} aside and run `python -m orpolab.export {sweep}` "
+                        "to export it again, or re-run the sweep with train.py")
+
+
+def job_record(sweep: Path, job_dir: Path, name: str) -> Path:
+    """One of the files Hydra saved in a job's folder (``.hydra/config.yaml``, ``.hydra/overrides.yaml``)."""
+    file = job_dir / ".hydra" / name
+    if not file.is_file():
+        raise older_layout(sweep, f"the job folder {job_dir} has no .hydra/{name}")
+    return file
+
+
+def check_recorded(sweep: Path, cfg: DictConfig, keys: Sequence[str]) -> None:
+    """The job's recorded training groups against today's schema: a key it lacks or one the schema no longer
+    has means an older orpolab wrote it (its stages would fail half-way on it)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for key in keys:
+        if dataclasses.is_dataclass(hints.get(key)):
+            try:
+                settings(hints[key], cfg[key], key)
+            except OrpolabError as err:
+                raise older_layout(sweep, f"its job's settings do not match this version's: {err}") from err
 
 
 def compose_stage(sweep: Path, job_dir: Path | None, overrides: Sequence[str], groups: Sequence[str],
-                  command: str, fallback: dict | None = None) -> DictConfig:
-    """The stage's config (see module doc); an :class:`OrpolabError` of one sentence for any bad override."""
+                  command: str) -> DictConfig:
+    """The stage's config (see module doc); an :class:`OrpolabError` of one sentence for any bad override.
+
+    ``job_dir`` None: the sweep's settings without a job's (the export's, which reads no training group).
+    """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
@@ -81,6 +122,7 @@ def compose_stage(sweep: Path, job_dir: Path | None, overrides: Sequence[str], g
 
     overrides = [str(o) for o in overrides]
     refuse_other_groups(overrides, groups, command)
+    recorded = OmegaConf.load(job_record(sweep, job_dir, "config.yaml")) if job_dir is not None else None
     # paths.* are this project's on this machine, as for train.py (which sets the same), whatever the cwd.
     os.environ.setdefault("ORPOLAB_ROOT", str(CONF_DIR.parent))
     register_schemas()
@@ -95,13 +137,12 @@ def compose_stage(sweep: Path, job_dir: Path | None, overrides: Sequence[str], g
         raise OrpolabError(describe(cause) if cause is not None else text) from err
     # Plain values from here on (the schema has checked them): the recorded groups replace the composed ones.
     values = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
-    recorded = recorded_config(job_dir, fallback)
-    if recorded is not None:
-        for key in recorded:
-            if key not in (*POST_TRAINING, "paths", "hydra"):
-                node = recorded[key]
-                values[key] = plain(node) if isinstance(node, DictConfig | ListConfig) else node
+    training = [key for key in recorded or () if key not in (*POST_TRAINING, "paths", "hydra")]
+    for key in training:
+        node = recorded[key]
+        values[key] = plain(node) if isinstance(node, DictConfig | ListConfig) else node
     cfg = OmegaConf.create(values)
+    check_recorded(sweep, cfg, training)
     check(cfg, groups)
     return cfg
 

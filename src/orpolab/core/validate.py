@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from orpolab.core.config import QUANT_TYPES, ExportConfig, describe
+from orpolab.core.config import POST_TRAINING, QUANT_TYPES, describe, typed_key
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import looks_local
 
@@ -40,7 +40,7 @@ def problems_of(cfg: DictConfig) -> list[str]:
              if isinstance(cfg[key], DictConfig) else cfg[key] for key in cfg if key != "hydra"}
     except OmegaConfBaseException as err:
         return [describe(err)]
-    return [problem for check in CHECKS for problem in check(c)]
+    return [*_method(c, typed_key(cfg, "method.beta")), *(problem for check in CHECKS for problem in check(c))]
 
 
 def post_training_problems(cfg: DictConfig, groups: tuple[str, ...] = ("export", "evaluation")) -> list[str]:
@@ -50,8 +50,6 @@ def post_training_problems(cfg: DictConfig, groups: tuple[str, ...] = ("export",
     The training groups are a finished job's and are not checked again: on another machine its local
     model folder need not exist, and the evaluation does not need it.
     """
-    from orpolab.core.config import POST_TRAINING
-
     try:
         c = {key: OmegaConf.to_container(cfg[key], resolve=True, throw_on_missing=True, enum_to_str=True)
              for key in POST_TRAINING}
@@ -62,12 +60,11 @@ def post_training_problems(cfg: DictConfig, groups: tuple[str, ...] = ("export",
     return [problem for check in (_export, _evaluation) for problem in check(c)]
 
 
-def _method(c: dict) -> list[str]:
+def _method(c: dict, beta_key: str) -> list[str]:
+    """``beta_key``: where the method's beta was typed (``orpo.beta`` under ``method=orpo``; see typed_key)."""
     method, out = c["method"], []
     if method["name"] != "sft" and not method["beta"] > 0:
-        # Where the user sets it: ORPO's beta comes from orpo.beta (conf/method/orpo.yaml).
-        key = "orpo.beta" if method["name"] == "orpo" and method["beta"] == c["orpo"]["beta"] else "method.beta"
-        out.append(f"{key} must be positive, got {method['beta']} (method {method['name']})")
+        out.append(f"{beta_key} must be positive, got {method['beta']} (method {method['name']})")
     if not 0.0 <= method["label_smoothing"] < 0.5:
         out.append(f"method.label_smoothing must be in [0, 0.5), got {method['label_smoothing']}")
     return out
@@ -121,7 +118,8 @@ def _is_targets(value: Any) -> bool:
 
 def _trainer(c: dict) -> list[str]:
     trainer = c["trainer"]
-    steps, interval = trainer.get("max_steps"), trainer.get("val_check_interval")
+    # Every trainer option extends conf/trainer/default.yaml, which sets both.
+    steps, interval = trainer["max_steps"], trainer["val_check_interval"]
     # A float interval is a fraction of an epoch; max_steps -1 trains without a step limit.
     if isinstance(steps, int) and steps > 0 and isinstance(interval, int) and interval > steps:
         return [f"trainer.val_check_interval ({interval}) must be at most trainer.max_steps ({steps}), or no "
@@ -156,11 +154,17 @@ def export_problems(quant_types: list[str]) -> list[str]:
     return []
 
 
-def check_export(cfg: ExportConfig) -> None:
-    """The export's own checks, for its command line (``python -m orpolab.export --quant ...``)."""
-    problems = export_problems(cfg.quant_types)
+def export_quant_types(values: list[str]) -> list[str]:
+    """The quantization types of the export's ``--quant`` option, in llama.cpp's upper case (``q8_0`` is
+    ``Q8_0``), checked as ``export.quant_types`` is in a config: a known type, and not F16."""
+    quants = [str(q).upper() for q in values]
+    unknown = [q for q in quants if q not in QUANT_TYPES]
+    problems = [f"export.quant_types: unknown quantization type(s) {', '.join(unknown)}; choose from "
+                + ", ".join(q for q in QUANT_TYPES if q != "F16")] if unknown else []
+    problems += export_problems(quants)
     if problems:
         raise OrpolabError("; ".join(problems))
+    return quants
 
 
 def judge_metric_names() -> list[str]:
@@ -187,7 +191,7 @@ def _evaluation(c: dict) -> list[str]:
     if judge["max_prompts"] is not None and judge["max_prompts"] < 1:
         out.append(f"evaluation.judge.max_prompts must be null (all) or at least 1, got {judge['max_prompts']}")
     for key in ("generation", "judge"):
-        parallel = c["evaluation"][key].get("parallel", 1)
+        parallel = c["evaluation"][key]["parallel"]
         if not isinstance(parallel, int) or parallel < 1:
             out.append(f"evaluation.{key}.parallel (sequences per llama.cpp batch) must be at least 1, got {parallel}")
     exported = {"F16", *(str(q).upper() for q in c["export"]["quant_types"])}
@@ -197,7 +201,7 @@ def _evaluation(c: dict) -> list[str]:
                    f"(now {', '.join(sorted(exported))})")
     prompts = c["eval_prompts"]
     checker = prompts["checker"]
-    if checker is not None and not (isinstance(checker, dict) and checker.get("_target_")):
+    if checker is not None and not (isinstance(checker, dict) and "_target_" in checker and checker["_target_"]):
         out.append(f"eval_prompts.checker must be null or a node with _target_ (an object with figures, "
                    f"check(answer, expected, question, ended), reference(expected) and examples(question, expected, "
                    f"rng), like orpolab.demo.sample_task.LookupChecker), got {checker!r}")
@@ -207,5 +211,5 @@ def _evaluation(c: dict) -> list[str]:
     return out
 
 
-CHECKS: tuple[Callable[[dict], list[str]], ...] = (_method, _optim, _data, _model, _trainer, _run, _export,
+CHECKS: tuple[Callable[[dict], list[str]], ...] = (_optim, _data, _model, _trainer, _run, _export,
                                                     _evaluation)

@@ -36,8 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 from orpolab.core import console, tracking
 from orpolab.core.config import DataConfig, GenerationConfig, settings
 from orpolab.core.errors import OrpolabError
-from orpolab.core.files import append_jsonl, inside, read_jsonl, relative_to, write_json_atomic
-from orpolab.core.stage_config import compose_stage
+from orpolab.core.files import append_jsonl, inside, read_jsonl, write_json_atomic
+from orpolab.core.stage_config import compose_stage, older_layout
 from orpolab.evaluate import evaluations
 from orpolab.evaluate.generate import answer_prompts
 from orpolab.evaluate.stats import bootstrap_mean_ci, paired_comparison
@@ -129,9 +129,10 @@ class Evaluation:
         self.export = json.loads(export_file.read_text())
         self.tracking_uri = tracking_uri
         winner = self.export["winner"]
-        job_dir = self.path(winner["job_dir"]) if winner.get("job_dir") else old_job_dir(self.sweep, self.export)
-        self.job_cfg = compose_stage(self.sweep, job_dir, overrides, ("evaluation", "eval_prompts"),
-                                     "python -m orpolab.evaluate", fallback=winner.get("config"))
+        if "job_dir" not in winner:
+            raise older_layout(self.sweep, "its export/export.json names no job folder of the winner")
+        self.job_cfg = compose_stage(self.sweep, self.path(winner["job_dir"]), overrides,
+                                     ("evaluation", "eval_prompts"), "python -m orpolab.evaluate")
         self.cfg, self.prompts_cfg = self.job_cfg.evaluation, self.job_cfg.eval_prompts
         self.checker = make_checker(self.prompts_cfg)
         self.id = evaluations.evaluation_id(self.job_cfg)
@@ -517,15 +518,6 @@ class Evaluation:
                     tracking.with_retry(lambda f=f: run.client.log_artifact(run.run_id, str(f), "report"))
             run.finish()
         return out
-
-
-def old_job_dir(sweep: Path, export: dict) -> Path | None:
-    """The winner's job folder in an export written before it was recorded: from its best checkpoint's path."""
-    checkpoint, recorded = export["winner"].get("best_checkpoint"), export.get("sweep_dir")
-    if not (checkpoint and recorded):
-        return None
-    relative = Path(relative_to(checkpoint, recorded))
-    return None if relative.is_absolute() else sweep / relative.parent.parent
 
 
 def self_preference(job_cfg: DictConfig) -> dict:

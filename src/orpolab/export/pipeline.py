@@ -28,6 +28,7 @@ from orpolab.core.config import DataConfig, ExportConfig, LoraSettings, ModelCon
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import inside, relative_to, write_json_atomic
 from orpolab.core.stage_config import compose_stage
+from orpolab.core.validate import export_quant_types
 from orpolab.export import llamacpp
 from orpolab.export.merge import check_disk, merge, parameter_count, with_chat_template
 from orpolab.export.verify import verify_gguf
@@ -214,7 +215,7 @@ def format_verification(checks: list[dict]) -> str:
 def stage_settings(sweep: Path, overrides: list[str]) -> ExportConfig:
     """The export settings: the sweep's recorded ones, composed with this command's ``export.*`` overrides."""
     cfg = compose_stage(sweep, None, overrides, ("export",), "python -m orpolab.export")
-    return ExportConfig.from_node(cfg.export)
+    return settings(ExportConfig, cfg.export, "export")
 
 
 def plain_settings(cfg: ExportConfig) -> dict:
@@ -279,15 +280,14 @@ def main(argv: list[str] | None = None) -> int:
         from orpolab.core.stage_config import refuse_other_groups
 
         refuse_other_groups(args.overrides, ("export",), "python -m orpolab.export")
-        if args.quant:  # checked before anything is looked up
-            ExportConfig.from_node({"quant_types": args.quant})
+        quants = export_quant_types(args.quant) if args.quant else None  # checked before anything is looked up
         parent = sweep_parent(uri, args.experiment, args.sweep_dir, args.run_id)
         sweep = Path(parent.data.tags[tracking.SWEEP_TAG])
         cfg = stage_settings(sweep, args.overrides)
-        if args.quant:
-            cfg = ExportConfig.from_node({**cfg.__dict__, "verify": cfg.verify.__dict__, "quant_types": args.quant})
+        if quants:
+            cfg = dataclasses.replace(cfg, quant_types=quants)
         if args.no_base:
-            cfg.include_base = False
+            cfg = dataclasses.replace(cfg, include_base=False)
         logs = sweep / "logs"
         console.log_to(logs / "export.log")  # libraries' logs; the console keeps orpolab's lines
         llamacpp.route_logs(logs / "llama.cpp.log")

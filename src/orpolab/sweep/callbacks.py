@@ -127,7 +127,7 @@ class SweepCallback(Callback):
                 outcome.failures.append(f"no trial of the search {sweep_dir} finished; see the trials' errors above")
         elif unfinished:
             outcome.failures.append(jobs_failure(unfinished, summary["jobs"]))
-        if not (config.get("export") and config.export.enabled):
+        if not config.export.enabled:
             return
         if not summary["finished"]:
             print("No job finished: nothing to export.", flush=True)
@@ -137,7 +137,7 @@ class SweepCallback(Callback):
         stages = [("Export", "Exporting the winner (merge, GGUF, quantize, verify)", "orpolab.export",
                    [sweep_dir, "--tracking-uri", uri, "--experiment", name, *export_overrides],
                    f"rerun it with: python -m orpolab.export {sweep_dir}")]
-        if config.get("evaluation") and config.evaluation.enabled:
+        if config.evaluation.enabled:
             stages.append(("Evaluation", "Evaluating winner vs base on the CPU (answers, judge, report)",
                            "orpolab.evaluate",
                            [sweep_dir, "--tracking-uri", uri, "--report-dir", str(config.paths.report_dir),

@@ -86,9 +86,9 @@ def job_overrides(config: DictConfig) -> list[list[str]] | None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     sweeper = config.hydra.sweeper
-    if sweeper.get("_target_") != BASIC_SWEEPER:
+    if sweeper._target_ != BASIC_SWEEPER:
         return None
-    arguments = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+    arguments = [f"{key}={value}" for key, value in (sweeper.params or {}).items()]
     arguments += list(config.hydra.overrides.task)
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
     batches = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)

@@ -113,7 +113,7 @@ class SearchSweeper(Sweeper):
 
         optuna.logging.disable_default_handler()  # Optuna's per-trial lines go to the log file
         optuna.logging.enable_propagation()
-        url, name = study_location({"storage": self.storage, "study_name": self.study_name}, str(sweep_dir))
+        url, name = study_location(self.storage, self.study_name, str(sweep_dir))
         self.storage_url = url
         storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}) \
             if url.startswith("sqlite") else url
@@ -292,7 +292,7 @@ def build(node: Any, seed_offset: int = 0) -> Any:
     if not isinstance(node, (DictConfig, dict)):
         return node
     values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    if seed_offset and values.get("seed") is not None:
+    if seed_offset and "seed" in values and values["seed"] is not None:  # the constructor's arguments, as given
         values["seed"] = int(values["seed"]) + seed_offset
     return instantiate(values)
 

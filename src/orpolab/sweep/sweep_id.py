@@ -32,7 +32,7 @@ EXCLUDED = ("hydra", "paths", "sweep_id", *POST_TRAINING)
 
 def derive(root: DictConfig) -> str:
     """``sweep_id`` if set, else a hash of the overrides and the resolved config (see module doc)."""
-    given = root.get("sweep_id")
+    given = root.sweep_id
     if given:
         return str(given)
     task = root.hydra.overrides.task if "hydra" in root else []

@@ -57,7 +57,7 @@ def torch_threads(cfg: DictConfig) -> int:
 
     Without it, two joblib jobs on two cores each start two threads and slow each other down.
     """
-    if cfg.get("threads"):
+    if cfg.threads:
         return int(cfg.threads)
     parallel = 1
     if HydraConfig.initialized():
@@ -248,7 +248,8 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
     # mode into the key its state has in checkpoints (a str, so resuming finds it again).
     callback_nodes = OmegaConf.to_container(cfg.callbacks, resolve=True, enum_to_str=True)
     callbacks = [instantiate(node) for node in callback_nodes.values()]
-    if not trainer_cfg.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
+    # Lightning refuses a bar it was told not to show (every trainer option extends conf/trainer/default.yaml).
+    if not trainer_cfg["enable_progress_bar"]:
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
     trial = trial_of_job()
     if trial is not None:  # a trial of a hyperparameter search: report to its pruner at every validation
@@ -279,7 +280,7 @@ def fit(cfg: DictConfig, job: tracking.JobRun, output_dir: Path, resume: str | N
              trainer.precision)
 
     job.set_tags({"orpolab.world_size": str(trainer.world_size)})
-    ckpt_path = resume or resolve_resume(cfg.get("resume_from"), checkpoint_dir)
+    ckpt_path = resume or resolve_resume(cfg.resume_from, checkpoint_dir)
     if cfg.eval_before_training and ckpt_path is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     # weights_only: a checkpoint holds tensors and plain values; unpickling anything else could run code.

@@ -36,15 +36,14 @@ class TrialRef:
 
 def is_search(sweeper_cfg: Any) -> bool:
     """Whether a Hydra sweeper config (``hydra.sweeper``) is the Optuna search's."""
-    return bool(sweeper_cfg) and str(sweeper_cfg.get("_target_", "")).endswith(SWEEPER_NAME)
+    return bool(sweeper_cfg) and str(sweeper_cfg._target_).endswith(SWEEPER_NAME)  # every Hydra plugin has one
 
 
-def study_location(sweeper_cfg: Any, sweep_dir: str) -> tuple[str, str]:
+def study_location(storage: str | None, study_name: str | None, sweep_dir: str) -> tuple[str, str]:
     """The study's storage URL and name: SQLite in the sweep folder and the folder's name (the sweep id)
     unless the sweeper's ``storage`` (an RDB URL, for several machines) or ``study_name`` say otherwise."""
     folder = Path(sweep_dir).resolve()
-    storage = sweeper_cfg.get("storage") or f"sqlite:///{folder / STUDY_FILE}"
-    return str(storage), str(sweeper_cfg.get("study_name") or folder.name)
+    return str(storage or f"sqlite:///{folder / STUDY_FILE}"), str(study_name or folder.name)
 
 
 def trial_of_job() -> TrialRef | None:
@@ -58,8 +57,9 @@ def trial_of_job() -> TrialRef | None:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN or not is_search(hc.sweeper):
         return None
-    storage, study = study_location(hc.sweeper, hc.sweep.dir)
-    pruner = hc.sweeper.get("pruner")
+    storage, study = study_location(hc.sweeper.storage, hc.sweeper.study_name, hc.sweep.dir)
+    # Absent only with hydra/sweeper/pruner=null: no pruner, as the sweeper itself takes it.
+    pruner = OmegaConf.select(hc.sweeper, "pruner")
     return TrialRef(storage, study, int(hc.job.num),
                     OmegaConf.to_container(pruner, resolve=True) if pruner is not None else None)
 
