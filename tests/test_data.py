@@ -127,7 +127,7 @@ def test_fallback_template_only_when_tokenizer_has_none(tiny_models, tmp_path):
     tok.chat_template = None
     train = write_jsonl(tmp_path / "train.jsonl", [row()])
     with pytest.raises(OrpolabError, match="no chat template"):
-        prepare(cfg_for(tmp_path, train), tok)
+        prepare(cfg_for(tmp_path, train, fallback_chat_template=None), tok)
     # A fallback must end the assistant's turn with the tokenizer's EOS, the token llama.cpp stops at.
     no_eos = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</turn>{% endfor %}"
               "{% if add_generation_prompt %}<assistant>{% endif %}")
