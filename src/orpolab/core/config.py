@@ -13,8 +13,9 @@ Each dataclass has two uses:
   checked by :func:`orpolab.core.validate.validate`.
 - **Settings.** A stage reads a group as its dataclass: :func:`settings` (``settings(ModelConfig,
   cfg.model)``) merges the node onto the schema, so a job config saved as plain YAML (which the
-  export and the evaluation read) is checked the same way. Stages read settings only this way,
-  never a node with a default of their own (``node.get("parallel", 1)``).
+  export and the evaluation read) is checked the same way. Stages read settings this way, or as
+  attributes of a config the schema checked (``cfg.resume_from``), never by a node's ``get`` with a
+  default of their own, which would be a second home for the value.
 
 **One home for each default: the YAML files under ``conf/``.** A field that any YAML file sets is
 ``MISSING`` here, so the dataclasses hold types and the files hold values (with the comments that
@@ -213,7 +214,8 @@ class LoraSettings:
 class MethodConfig:
     """``conf/method/``: which loss trains the adapter, and its parameters.
 
-    Fields a method does not use are ignored by it (``gamma`` only matters to SimPO, and so on).
+    Fields a method does not use are ignored by it (``gamma`` only matters to SimPO, and so on); their
+    values for the other methods are in ``conf/train.yaml``'s ``method:``.
     """
 
     name: Method = MISSING
