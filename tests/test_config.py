@@ -292,7 +292,7 @@ def test_a_sweep_folder_of_an_older_layout_is_refused_with_what_to_do(tmp_path):
     message = str(info.value)
     assert f"{sweep} was written by an orpolab older than 86983ec (2026-11-24) (the job folder {job} has no " \
            ".hydra/config.yaml)" in message
-    assert f"move {sweep / 'export'} aside and run `python -m orpolab.export {sweep}`" in message
+    assert message.endswith("which this version does not read; re-run the sweep with train.py")
     # A job recorded with settings of another shape (a key this version's schema requires is not there).
     recorded = OmegaConf.to_container(compose(VALID, tmp_path / "out"), resolve=False)
     recorded.pop("hydra")
@@ -306,3 +306,17 @@ def test_a_sweep_folder_of_an_older_layout_is_refused_with_what_to_do(tmp_path):
     OmegaConf.save(OmegaConf.create(recorded), job / ".hydra" / "config.yaml")
     cfg = compose_stage(sweep, job, ["evaluation.judge.max_prompts=3"], evaluate, "python -m orpolab.evaluate")
     assert cfg.evaluation.judge.max_prompts == 3 and cfg.model.lr is None
+
+
+
+def test_an_export_of_an_older_layout_is_refused_with_what_to_do(tmp_path):
+    from orpolab.evaluate.pipeline import Evaluation
+
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "export.json").write_text(json.dumps({"winner": {"config": {}, "best_checkpoint": "x"}}))
+    with pytest.raises(OrpolabError) as info:
+        Evaluation(tmp_path, "sqlite:///unused.db")
+    assert str(info.value) == (
+        f"{tmp_path} was written by an orpolab older than 86983ec (2026-11-24) (its export/export.json names no "
+        f"job folder of the winner), which this version does not read; move {tmp_path / 'export'} aside and run "
+        f"`python -m orpolab.export {tmp_path}` to export it again")

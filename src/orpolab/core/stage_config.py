@@ -77,16 +77,22 @@ def recorded_overrides(sweep: Path, job_dir: Path | None) -> list[str]:
     return []
 
 
-# The commit whose sweep folders the stage commands read: an export records the winner's job folder
-# (export.json's winner.job_dir), whose .hydra/config.yaml holds the settings the job trained with.
+# The oldest commit whose sweep folders the stage commands read: since it, an export records the winner's
+# job folder (export.json's winner.job_dir), whose .hydra/ holds the settings the job trained with; the
+# training settings' schema has not changed since either.
 LAYOUT_SINCE = "86983ec (2026-11-24)"
+RERUN = "re-run the sweep with train.py"
 
 
-def older_layout(sweep: Path, sign: str) -> OrpolabError:
-    """The refusal of a sweep folder an older orpolab wrote (``sign``: what it lacks), saying what to do."""
-    return OrpolabError(f"{sweep} was written by an orpolab older than {LAYOUT_SINCE} ({sign}), which this version "
-                        f"does not read; move {sweep / 'export'} aside and run `python -m orpolab.export {sweep}` "
-                        "to export it again, or re-run the sweep with train.py")
+def older_layout(sweep: Path, sign: str, remedy: str = RERUN) -> OrpolabError:
+    """The refusal of a sweep folder an older orpolab wrote: ``sign``, what shows it; ``remedy``, what to do."""
+    return OrpolabError(f"{sweep} was written by an orpolab older than {LAYOUT_SINCE} ({sign}), which this "
+                        f"version does not read; {remedy}")
+
+
+def export_again(sweep: Path) -> str:
+    """What to do about an export an older orpolab wrote: the training is still good."""
+    return f"move {sweep / 'export'} aside and run `python -m orpolab.export {sweep}` to export it again"
 
 
 def job_record(sweep: Path, job_dir: Path, name: str) -> Path:

@@ -37,7 +37,7 @@ from orpolab.core import console, tracking
 from orpolab.core.config import DataConfig, GenerationConfig, settings
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import append_jsonl, inside, read_jsonl, write_json_atomic
-from orpolab.core.stage_config import compose_stage, older_layout
+from orpolab.core.stage_config import compose_stage, export_again, older_layout
 from orpolab.evaluate import evaluations
 from orpolab.evaluate.generate import answer_prompts
 from orpolab.evaluate.stats import bootstrap_mean_ci, paired_comparison
@@ -130,7 +130,8 @@ class Evaluation:
         self.tracking_uri = tracking_uri
         winner = self.export["winner"]
         if "job_dir" not in winner:
-            raise older_layout(self.sweep, "its export/export.json names no job folder of the winner")
+            raise older_layout(self.sweep, "its export/export.json names no job folder of the winner",
+                               export_again(self.sweep))
         self.job_cfg = compose_stage(self.sweep, self.path(winner["job_dir"]), overrides,
                                      ("evaluation", "eval_prompts"), "python -m orpolab.evaluate")
         self.cfg, self.prompts_cfg = self.job_cfg.evaluation, self.job_cfg.eval_prompts
