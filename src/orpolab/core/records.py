@@ -49,8 +49,9 @@ GIT_COMMIT = "orpolab.git_commit"
 # best trial with another seed, that trial's number.
 TRIAL, SEARCH_PARAM, CONFIRM_OF = "orpolab.trial", "orpolab.search.", "orpolab.confirm_of"
 
-# An evaluation run.
-EVALUATION_ID = "orpolab.evaluation_id"
+# An evaluation run: its id (its folder's name), the judge (name and GGUF), the prompt set, its folder.
+EVALUATION_ID, EVALUATION_DIR = "orpolab.evaluation_id", "orpolab.evaluation_dir"
+JUDGE, JUDGE_PATH, EVAL_PROMPTS = "orpolab.judge", "orpolab.judge_path", "orpolab.eval_prompts"
 
 # MLflow's end states as orpolab uses them: KILLED is a search trial its pruner stopped.
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
