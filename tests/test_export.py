@@ -21,11 +21,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from orpolab.core.config import LoraSettings, ModelConfig
 from orpolab.core.defaults import default_settings
 from orpolab.core.errors import OrpolabError
+from orpolab.core.records import JobRecord
 from orpolab.export import llamacpp
 from orpolab.export import merge as merge_mod
 from orpolab.export.merge import build_adapted, check_memory, load_adapter_state, merge
 from orpolab.export.verify import verify_gguf
-from orpolab.export.winners import Candidate, rank, select_winners, sweep_parent
+from orpolab.export.winners import rank, select_winners, sweep_parent
 
 from .conftest import RANDOM_TINY, ROOT, TINY_DIR, compose, run_train
 
@@ -59,7 +60,7 @@ def test_hook_exports_the_winner_with_verified_ggufs(sweep):
     types = llamacpp.tensor_types(out / "gguf" / "winner-Q4_K_M.gguf", CACHE)
     assert types["blk.0.attn_q.weight"] == "Q4_K"
     # Recorded on the sweep's MLflow parent run.
-    parent = sweep_parent(sweep["uri"], "orpolab", str(sweep["dir"]))
+    parent = MlflowClient(sweep["uri"]).get_run(sweep_parent(sweep["uri"], "orpolab", str(sweep["dir"])).run_id)
     assert parent.data.tags["orpolab.export_passed"] == "True"
     assert parent.data.tags["orpolab.winner_run_id"] == summary["winner"]["run_id"]
     assert parent.data.metrics["export/Q4_K_M/token_id_mismatches"] == 0
@@ -223,8 +224,8 @@ def test_a_base_model_without_a_chat_template_learns_to_stop_at_the_fallbacks_eo
 # ------------------------------------------------------------------ selection
 
 
-def cand(job: int, value: float | None, status: str = "FINISHED", start: int = 0) -> Candidate:
-    return Candidate(run_id=f"r{job}", job_num=job, status=status, value=value, best_checkpoint=None,
+def cand(job: int, value: float | None, status: str = "FINISHED", start: int = 0) -> JobRecord:
+    return JobRecord(run_id=f"r{job}", job_num=job, status=status, value=value, best_checkpoint=None,
                      output_dir=None, overrides="", start_time=start)
 
 
@@ -263,7 +264,7 @@ def test_select_winner_logs_ranking_on_the_parent_run(tracking_uri, tmp_path):
     parent = sweep_parent(tracking_uri, "orpolab", sweep_dir)
     winners = select_winners(tracking_uri, parent, "val/chosen_bpb", "min")
     assert list(winners) == ["winner"] and winners["winner"].job_num == 1  # one method: one winner
-    parent = MlflowClient(tracking_uri).get_run(parent.info.run_id)
+    parent = MlflowClient(tracking_uri).get_run(parent.run_id)
     assert parent.data.tags["orpolab.winner_job"] == "1"
     path = MlflowClient(tracking_uri).download_artifacts(parent.info.run_id, "selection/ranking.json")
     table = json.loads(Path(path).read_text())
@@ -279,7 +280,7 @@ def test_a_mixed_method_sweep_has_one_winner_per_method(tracking_uri, tmp_path):
     winners = select_winners(tracking_uri, parent)
     # SFT has the best value overall, but each method keeps its own best job; SimPO had none finish.
     assert {label: w.job_num for label, w in winners.items()} == {"orpo": 3, "dpo": 1, "sft": 2}
-    parent = MlflowClient(tracking_uri).get_run(parent.info.run_id)
+    parent = MlflowClient(tracking_uri).get_run(parent.run_id)
     assert parent.data.tags["orpolab.winner.dpo_job"] == "1"
     assert parent.data.metrics["winner/orpo/val/chosen_bpb"] == pytest.approx(1.8)
     path = MlflowClient(tracking_uri).download_artifacts(parent.info.run_id, "selection/ranking.json")

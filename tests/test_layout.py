@@ -36,7 +36,7 @@ def test_stages_depend_downwards_only_and_nothing_imports_demo():
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE)
         if len(rel.parts) < 2:
-            continue  # the package root (__init__, the legacy module map)
+            continue  # the package root (its __init__)
         stage = rel.parts[0]
         for line, module in orpolab_imports(path):
             target = stage_of(module)
@@ -120,16 +120,3 @@ def test_report_writes_what_it_is_given():
 def test_every_stage_folder_is_a_package_in_pipeline_order():
     stages = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file())
     assert sorted(ORDER) == stages
-
-
-def test_old_module_paths_of_pickled_runs_still_import():
-    """A submitit job pickled before the move names orpolab.callbacks / orpolab.train.main."""
-    import importlib
-
-    old = importlib.import_module("orpolab.callbacks")
-    new = importlib.import_module("orpolab.sweep.callbacks")
-    assert old is new and old.run_post_stages is new.run_post_stages
-    from orpolab import train
-    from orpolab.train.job import main
-
-    assert train.main is main

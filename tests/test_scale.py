@@ -262,7 +262,7 @@ def test_on_slurm_only_submitit_requeues_and_another_world_size_cannot_resume_mi
 
     from orpolab.core.defaults import default_settings
     from orpolab.train.data import PreferenceDataModule, PreparedData
-    from orpolab.train.job import trainer_plugins
+    from orpolab.train.fit import trainer_plugins
 
     monkeypatch.delenv("SLURM_NTASKS", raising=False)
     assert not any(isinstance(p, SLURMEnvironment) for p in trainer_plugins())

@@ -117,10 +117,11 @@ def test_search_prunes_fails_and_exports_the_best_unpruned_trial(tiny_models, tr
 
 
 def test_pruned_and_confirmation_runs_never_win():
-    from orpolab.export.winners import Candidate, rank
+    from orpolab.core.records import JobRecord
+    from orpolab.export.winners import rank
 
-    def cand(job: int, value: float, status: str = "FINISHED", confirm_of: str | None = None) -> Candidate:
-        return Candidate(run_id=f"r{job}", job_num=job, status=status, value=value, best_checkpoint=None,
+    def cand(job: int, value: float, status: str = "FINISHED", confirm_of: str | None = None) -> JobRecord:
+        return JobRecord(run_id=f"r{job}", job_num=job, status=status, value=value, best_checkpoint=None,
                          output_dir=None, overrides="", start_time=job, confirm_of=confirm_of)
 
     ranking = rank([cand(0, 2.0), cand(1, 0.5, "KILLED"), cand(2, 1.0), cand(3, 0.9, confirm_of="2")], "min")

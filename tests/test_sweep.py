@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -78,6 +79,12 @@ def test_a_failing_job_does_not_stop_the_sweep_but_fails_its_exit_status(tiny_mo
     artifacts = [a.path for a in MlflowClient(tracking_uri).list_artifacts(failed.info.run_id)]
     assert "error.txt" in artifacts
     assert sweep_dir_from(proc.stdout) == (tmp_path / "sweep").resolve()
+    # returns.jsonl says the same: the failed job as FAILED with its error, not COMPLETED without a value.
+    returns = {r["job"]: r for r in map(json.loads, (tmp_path / "sweep" / "returns.jsonl").read_text().splitlines())}
+    assert returns[0]["status"] == "FAILED" and returns[0]["return_value"] is None
+    assert "does not exist" in returns[0]["error"]
+    assert returns[1]["status"] == "COMPLETED" and returns[1]["return_value"] == pytest.approx(
+        next(r for r in children if r.info.status == "FINISHED").data.metrics["best/val/chosen_bpb"])
 
 
 def test_unknown_config_name_stops_before_any_job(tiny_models, tracking_uri, tmp_path):

@@ -5,8 +5,4 @@ One package per pipeline stage, each depending only on those before it:
 is imported by nothing else.
 """
 
-from orpolab import _legacy
-
 __version__ = "0.1.0"
-
-_legacy.install()  # module paths of older runs' pickles (see orpolab._legacy)

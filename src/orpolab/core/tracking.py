@@ -1,5 +1,8 @@
 """MLflow bookkeeping: one parent run per sweep, one child run per job, failures recorded.
 
+What the runs hold, and the names of their tags, is ``orpolab.core.records``; this module finds and
+writes them in the store.
+
 Jobs create their run through ``MlflowClient`` before any heavy work, so a job that fails while
 loading its model still leaves a FAILED run that says why. Lightning's ``MLFlowLogger`` then logs
 into that same run (``run_id=``). The tracking store defaults to a SQLite database: MLflow 3.13+
@@ -21,11 +24,21 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from orpolab.core import records
+from orpolab.core.records import (
+    EVALUATION_ROLE,
+    PARENT_TAG,
+    ROLE_TAG,
+    RUN_NAME_TAG,
+    SWEEP_TAG,
+    JobRecord,
+    SweepRecord,
+    children_filter,
+    sweep_filter,
+)
+
 log = logging.getLogger(__name__)
 
-ROLE_TAG, SWEEP_TAG = "orpolab.role", "orpolab.sweep_dir"
-EVALUATION_ROLE = "evaluation"
-PARENT_TAG = "mlflow.parentRunId"
 # MLflow 3's experiment kind (the UI's "Machine learning" type; its default view is the runs table).
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 PACKAGES = ("torch", "transformers", "peft", "lightning", "hydra-core", "mlflow", "datasets", "bitsandbytes")
@@ -78,13 +91,19 @@ def mark_training_experiment(c, exp) -> None:
         with_retry(lambda: c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND))
 
 
-def find_sweep_run(tracking_uri: str, exp_id: str, sweep_dir: str):
-    """The parent run of the sweep whose output folder is ``sweep_dir``, or None."""
-    runs = with_retry(lambda: client(tracking_uri).search_runs(
-        [exp_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep' and tags.`{SWEEP_TAG}` = '{sweep_dir}'",
-        max_results=1, order_by=["attributes.start_time ASC"],
-    ))
-    return runs[0] if runs else None
+def sweep_run(tracking_uri: str, experiment: str, sweep_dir: str) -> SweepRecord | None:
+    """The parent run of the sweep whose output folder is ``sweep_dir`` (absolute), or None.
+
+    The one lookup of a sweep's run by its folder: the summary, the export, a search and a job
+    that resumes all find it here.
+    """
+    c = client(tracking_uri)
+    exp = with_retry(lambda: c.get_experiment_by_name(experiment))
+    if exp is None:
+        return None
+    runs = with_retry(lambda: c.search_runs([exp.experiment_id], filter_string=sweep_filter(sweep_dir),
+                                            max_results=1, order_by=["attributes.start_time ASC"]))
+    return SweepRecord.from_run(runs[0]) if runs else None
 
 
 def ensure_sweep_run(tracking_uri: str, experiment: str, sweep_dir: str, overrides: list[str] | None = None) -> str:
@@ -99,32 +118,42 @@ def ensure_sweep_run(tracking_uri: str, experiment: str, sweep_dir: str, overrid
     exp_id = experiment_id(tracking_uri, experiment)
     Path(sweep_dir).mkdir(parents=True, exist_ok=True)
     with FileLock(str(Path(sweep_dir) / ".mlflow-parent.lock")):
-        found = find_sweep_run(tracking_uri, exp_id, sweep_dir)
+        found = sweep_run(tracking_uri, experiment, sweep_dir)
         if found is not None:
-            if found.info.status != "RUNNING":  # the sweep is being resumed
-                with_retry(lambda: client(tracking_uri).update_run(found.info.run_id, status="RUNNING"))
-            return found.info.run_id
-        tags = {ROLE_TAG: "sweep", SWEEP_TAG: sweep_dir, "mlflow.runName": f"sweep {Path(sweep_dir).name}"}
+            if found.status != records.RUNNING:  # the sweep is being resumed
+                SweepRun(tracking_uri, found.run_id).reopen()
+            return found.run_id
+        tags = {ROLE_TAG: records.SWEEP_ROLE, SWEEP_TAG: sweep_dir, RUN_NAME_TAG: f"sweep {Path(sweep_dir).name}"}
         if overrides:
-            tags["orpolab.sweep_overrides"] = " ".join(overrides)[:5000]
+            tags[records.SWEEP_OVERRIDES] = " ".join(overrides)[:5000]
         run = with_retry(lambda: client(tracking_uri).create_run(exp_id, tags=tags))
         return run.info.run_id
 
 
-def child_runs(tracking_uri: str, parent_run_id: str, job_num: str | None = None) -> list:
-    """The job runs of a sweep's parent run, oldest first (only job ``job_num``'s when given)."""
+def child_runs(tracking_uri: str, parent_run_id: str, tags: dict[str, str] | None = None) -> list:
+    """The MLflow runs of a sweep's jobs (nested under its parent run), oldest first, with ``tags``' values."""
     c = client(tracking_uri)
     parent = with_retry(lambda: c.get_run(parent_run_id))
-    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
-    if job_num is not None:
-        query += f" and tags.`orpolab.job_num` = '{job_num}'"
-    runs = with_retry(lambda: c.search_runs([parent.info.experiment_id], filter_string=query,
-                                            order_by=["attributes.start_time ASC"]))
+    runs = with_retry(lambda: c.search_runs([parent.info.experiment_id], filter_string=children_filter(
+        parent_run_id, tags), order_by=["attributes.start_time ASC"]))
     # The sweep's evaluations are nested runs of the same parent (evaluation_run): not jobs.
     return [r for r in runs if r.data.tags.get(ROLE_TAG) != EVALUATION_ROLE]
 
 
-def evaluation_run(tracking_uri: str, parent_run_id: str, evaluation_id: str, tags: dict[str, str]) -> JobRun | None:
+def job_records(tracking_uri: str, parent_run_id: str) -> list[JobRecord]:
+    """Every job of a sweep as recorded, by job number (a job resumed keeps its run: one record per job)."""
+    jobs = [JobRecord.from_run(r) for r in child_runs(tracking_uri, parent_run_id)]
+    return sorted(jobs, key=lambda j: (j.job_num, j.start_time))
+
+
+def job_record(tracking_uri: str, parent_run_id: str, job_num: str) -> JobRecord | None:
+    """A sweep job's record from an earlier attempt at the same sweep (by job number), or None."""
+    runs = child_runs(tracking_uri, parent_run_id, {records.JOB_NUM: job_num})
+    return JobRecord.from_run(runs[0]) if runs else None
+
+
+def evaluation_run(tracking_uri: str, parent_run_id: str, evaluation_id: str,
+                   tags: dict[str, str]) -> EvaluationRun | None:
     """The nested run of one evaluation of a sweep (found by its id, else created), or None when the
     store has no such parent run: a sweep folder evaluated on another machine is evaluated locally."""
     c = client(tracking_uri)
@@ -132,26 +161,18 @@ def evaluation_run(tracking_uri: str, parent_run_id: str, evaluation_id: str, ta
         parent = with_retry(lambda: c.get_run(parent_run_id))
     except Exception:  # MlflowException: RESOURCE_DOES_NOT_EXIST (another store), or no store at all
         return None
-    query = (f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{ROLE_TAG}` = '{EVALUATION_ROLE}' "
-             f"and tags.`orpolab.evaluation_id` = '{evaluation_id}'")
+    query = children_filter(parent_run_id, {ROLE_TAG: EVALUATION_ROLE, records.EVALUATION_ID: evaluation_id})
     found = with_retry(lambda: c.search_runs([parent.info.experiment_id], filter_string=query, max_results=1))
     if found:
-        run = JobRun(tracking_uri, found[0].info.run_id)
+        run = EvaluationRun(tracking_uri, found[0].info.run_id)
         run.reopen()
     else:
         created = with_retry(lambda: c.create_run(parent.info.experiment_id, tags={
-            PARENT_TAG: parent_run_id, ROLE_TAG: EVALUATION_ROLE, "orpolab.evaluation_id": evaluation_id,
-            "mlflow.runName": f"evaluation {evaluation_id}",
-            SWEEP_TAG: parent.data.tags.get(SWEEP_TAG, "")}))
-        run = JobRun(tracking_uri, created.info.run_id)
+            PARENT_TAG: parent_run_id, ROLE_TAG: EVALUATION_ROLE, records.EVALUATION_ID: evaluation_id,
+            RUN_NAME_TAG: f"evaluation {evaluation_id}", SWEEP_TAG: parent.data.tags.get(SWEEP_TAG, "")}))
+        run = EvaluationRun(tracking_uri, created.info.run_id)
     run.set_tags(tags)
     return run
-
-
-def find_job_run(tracking_uri: str, parent_run_id: str, job_num: str):
-    """A sweep job's run from an earlier attempt at the same sweep (by job number), or None."""
-    runs = child_runs(tracking_uri, parent_run_id, job_num)
-    return runs[0] if runs else None
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:
@@ -184,7 +205,7 @@ def git_commit(root: str) -> str:
 
 
 def reproducibility_tags(root: str) -> dict[str, str]:
-    tags = {"orpolab.git_commit": git_commit(root), "python": platform.python_version()}
+    tags = {records.GIT_COMMIT: git_commit(root), "python": platform.python_version()}
     for name in PACKAGES:
         try:
             tags[f"versions.{name}"] = metadata.version(name)
@@ -193,26 +214,12 @@ def reproducibility_tags(root: str) -> dict[str, str]:
     return tags
 
 
-class JobRun:
-    """The MLflow run of one training job."""
+class TrackedRun:
+    """A handle on one of orpolab's MLflow runs, to write into it (every call retried, see :func:`with_retry`)."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.client = client(tracking_uri)
-
-    @classmethod
-    def start(cls, tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str],
-              params: dict[str, str]) -> JobRun:
-        exp_id = experiment_id(tracking_uri, experiment)
-        c = client(tracking_uri)
-        run = with_retry(lambda: c.create_run(exp_id, tags={"mlflow.runName": run_name, **tags}))
-        job = cls(tracking_uri, run.info.run_id)
-        from mlflow.entities import Param
-
-        items = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow caps params per batch
-            with_retry(lambda chunk=items[i: i + 100]: c.log_batch(job.run_id, params=chunk))
-        return job
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
@@ -225,27 +232,62 @@ class JobRun:
     def log_dict(self, obj: dict, name: str) -> None:
         with_retry(lambda: self.client.log_dict(self.run_id, obj, name))
 
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        with_retry(lambda: self.client.log_artifact(self.run_id, str(path), folder))
+
     def finish(self) -> None:
-        with_retry(lambda: self.client.set_terminated(self.run_id, "FINISHED"))
+        with_retry(lambda: self.client.set_terminated(self.run_id, records.FINISHED))
 
     def reopen(self) -> None:
-        """Mark an interrupted or failed run RUNNING again: the resumed job continues it."""
-        with_retry(lambda: self.client.update_run(self.run_id, status="RUNNING"))
-
-    def prune(self, step: int, value: float) -> None:
-        """Mark a search trial that its pruner stopped: KILLED (never FINISHED, so it never wins), with the step."""
-        self.set_tags({"orpolab.pruned_at_step": str(step), "orpolab.pruned_value": f"{value:.6g}"})
-        with_retry(lambda: self.client.set_terminated(self.run_id, "KILLED"))
+        """Mark an interrupted, failed or finished run RUNNING again: a resumed command continues it."""
+        with_retry(lambda: self.client.update_run(self.run_id, status=records.RUNNING))
 
     def fail(self, err: BaseException) -> None:
         """Mark FAILED with the error's one-line message as a tag and its traceback as an artifact."""
         message = f"{type(err).__name__}: {err}"
         try:
-            self.set_tags({"orpolab.error": message})
+            self.set_tags({records.ERROR: message})
             text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
             with_retry(lambda: self.client.log_text(self.run_id, text, "error.txt"))
         finally:
-            with_retry(lambda: self.client.set_terminated(self.run_id, "FAILED"))
+            with_retry(lambda: self.client.set_terminated(self.run_id, records.FAILED))
+
+
+class SweepRun(TrackedRun):
+    """The parent run of a sweep (role ``sweep``): the summary, the selection and a search log onto it."""
+
+    def close(self, jobs: list[JobRecord]) -> None:
+        """FINISHED, with how many of the sweep's jobs finished and failed."""
+        self.log_metrics({"sweep/jobs_finished": sum(j.finished for j in jobs),
+                          "sweep/jobs_failed": sum(j.status == records.FAILED for j in jobs)})
+        self.finish()
+
+
+class EvaluationRun(TrackedRun):
+    """The run of one evaluation of a sweep (role ``evaluation``), nested under the sweep's run."""
+
+
+class JobRun(TrackedRun):
+    """The MLflow run of one training job (role ``job``), nested under its sweep's run in a multirun."""
+
+    @classmethod
+    def start(cls, tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str],
+              params: dict[str, str]) -> JobRun:
+        exp_id = experiment_id(tracking_uri, experiment)
+        c = client(tracking_uri)
+        run = with_retry(lambda: c.create_run(exp_id, tags={RUN_NAME_TAG: run_name, **tags}))
+        job = cls(tracking_uri, run.info.run_id)
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow caps params per batch
+            with_retry(lambda chunk=items[i: i + 100]: c.log_batch(job.run_id, params=chunk))
+        return job
+
+    def prune(self, step: int, value: float) -> None:
+        """Mark a search trial that its pruner stopped: KILLED (never FINISHED, so it never wins), with the step."""
+        self.set_tags({records.PRUNED_AT_STEP: str(step), records.PRUNED_VALUE: f"{value:.6g}"})
+        with_retry(lambda: self.client.set_terminated(self.run_id, records.KILLED))
 
 
 def artifact_location(tracking_uri: str) -> str | None:

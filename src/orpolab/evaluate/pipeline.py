@@ -654,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
                     getattr(ev, stage)()
         except BaseException as err:
             # The evaluation's nested MLflow run shows FAILED rather than RUNNING forever; a re-run reopens it.
-            if isinstance(ev._run, tracking.JobRun):
+            if isinstance(ev._run, tracking.EvaluationRun):
                 with contextlib.suppress(Exception):
                     ev._run.fail(err)
             raise

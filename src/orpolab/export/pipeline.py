@@ -23,10 +23,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from orpolab.core import console, tracking
+from orpolab.core import console, records, sweep_layout, tracking
 from orpolab.core.config import DataConfig, ExportConfig, LoraSettings, ModelConfig, settings
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import inside, relative_to, write_json_atomic
+from orpolab.core.records import SweepRecord
 from orpolab.core.stage_config import compose_stage
 from orpolab.core.validate import export_quant_types
 from orpolab.export import llamacpp
@@ -102,7 +103,7 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
     the best job of each method (``orpo-*``, ``dpo-*``, ...), all from the same base model.
     """
     parent = sweep_parent(tracking_uri, experiment, sweep_dir, parent_run_id)
-    sweep = Path(parent.data.tags[tracking.SWEEP_TAG])
+    sweep = sweep_folder(parent)
     export_cfg = export_cfg or stage_settings(sweep, [])
     winners = select_winners(tracking_uri, parent)
     done = up_to_date(sweep, winners, export_cfg)
@@ -181,7 +182,7 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
     for check in checks:
         check["gguf"] = relative_to(check["gguf"], sweep)
     summary = {
-        "parent_run_id": parent.info.run_id, "passed": passed,
+        "parent_run_id": parent.run_id, "passed": passed,
         "winners": exported,
         # The first exported model; its job folder holds the config the evaluation starts from
         # (.hydra/), and "config" keeps a resolved copy as a record of what ran where it was trained.
@@ -193,7 +194,7 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
         "settings": plain_settings(export_cfg),
     }
     write_json_atomic(out / "export.json", summary)
-    _log_to_mlflow(tracking_uri, parent.info.run_id, summary, export_cfg)
+    _log_to_mlflow(tracking_uri, parent, summary, export_cfg)
     print(format_verification(checks), flush=True)
     if not passed:
         raise OrpolabError(f"the exported GGUF does not match the trained model; see {out / 'export.json'}")
@@ -210,6 +211,13 @@ def format_verification(checks: list[dict]) -> str:
             f"  top-1 {c['top1_agreement']:.3f} (min {c['min_top1_agreement']})  {'ok' if c['passed'] else 'FAILED'}"
         )
     return "\n".join(lines)
+
+
+def sweep_folder(parent: SweepRecord) -> Path:
+    """The sweep's folder, as its MLflow run records it; refused when an older layout of orpolab wrote it."""
+    sweep = Path(parent.sweep_dir)
+    sweep_layout.check_sweep(sweep, retry="train it again as a new sweep")
+    return sweep
 
 
 def stage_settings(sweep: Path, overrides: list[str]) -> ExportConfig:
@@ -237,13 +245,13 @@ def up_to_date(sweep: Path, winners: dict, cfg: ExportConfig) -> dict | None:
 
 
 
-def _log_to_mlflow(tracking_uri: str, parent_run_id: str, summary: dict, cfg: ExportConfig) -> None:
-    run = tracking.JobRun(tracking_uri, parent_run_id)
+def _log_to_mlflow(tracking_uri: str, parent: SweepRecord, summary: dict, cfg: ExportConfig) -> None:
+    run = tracking.SweepRun(tracking_uri, parent.run_id)
     run.log_dict(summary, "export/export.json")
-    sweep = Path(run.client.get_run(parent_run_id).data.tags[tracking.SWEEP_TAG])
+    sweep = Path(parent.sweep_dir)
     merged = inside(sweep, summary["merged_model"])
-    run.set_tags({"orpolab.export_dir": str(merged.parent), "orpolab.merged_model": str(merged),
-                  "orpolab.export_passed": str(summary["passed"])})
+    run.set_tags({records.EXPORT_DIR: str(merged.parent), records.MERGED_MODEL: str(merged),
+                  records.EXPORT_PASSED: str(summary["passed"])})
     for check in summary["verification"]:
         q = check["quant"] if check.get("model", "winner") == "winner" else f"{check['model']}/{check['quant']}"
         run.log_metrics({f"export/{q}/ppl_ratio": check["ppl_ratio"],
@@ -253,7 +261,7 @@ def _log_to_mlflow(tracking_uri: str, parent_run_id: str, summary: dict, cfg: Ex
         for path in group.values():
             p = inside(sweep, path)
             if p.is_file() and p.stat().st_size <= cfg.log_gguf_max_mb * 2**20:
-                tracking.with_retry(lambda p=p: run.client.log_artifact(run.run_id, str(p), "export/gguf"))
+                run.log_artifact(p, "export/gguf")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         refuse_other_groups(args.overrides, ("export",), "python -m orpolab.export")
         quants = export_quant_types(args.quant) if args.quant else None  # checked before anything is looked up
         parent = sweep_parent(uri, args.experiment, args.sweep_dir, args.run_id)
-        sweep = Path(parent.data.tags[tracking.SWEEP_TAG])
+        sweep = sweep_folder(parent)
         cfg = stage_settings(sweep, args.overrides)
         if quants:
             cfg = dataclasses.replace(cfg, quant_types=quants)

@@ -16,93 +16,60 @@ exactly the chosen answers' NLL), so the methods are compared by the judge, not 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from orpolab.core import tracking
+from orpolab.core import records, tracking
 from orpolab.core.errors import OrpolabError
+from orpolab.core.records import JobRecord, SweepRecord
 
 
-@dataclass
-class Candidate:
-    run_id: str
-    job_num: int
-    status: str
-    value: float | None
-    best_checkpoint: str | None
-    output_dir: str | None
-    overrides: str
-    start_time: int
-    metric: str = ""  # the job's selection metric and mode, from its tags
-    mode: str = "min"
-    method: str = "orpo"
-    confirm_of: str | None = None  # a search's re-run of its best trial with another seed: never a winner
-
-
-def sweep_parent(tracking_uri: str, experiment: str, sweep_dir: str | None = None, parent_run_id: str | None = None):
+def sweep_parent(tracking_uri: str, experiment: str, sweep_dir: str | None = None,
+                 parent_run_id: str | None = None) -> SweepRecord:
     """The parent run of a sweep, by folder or run id, with errors that say what was not found."""
-    c = tracking.client(tracking_uri)
     if parent_run_id:
         try:
-            return c.get_run(parent_run_id)
+            run = tracking.with_retry(lambda: tracking.client(tracking_uri).get_run(parent_run_id))
         except Exception as err:
             raise OrpolabError(f"MLflow run {parent_run_id} does not exist in {tracking_uri}") from err
+        return SweepRecord.from_run(run)
     if sweep_dir is None:
         raise OrpolabError("give a sweep folder or an MLflow parent run id")
     folder = Path(sweep_dir).resolve()
     if not folder.is_dir():
         raise OrpolabError(f"sweep folder {folder} does not exist")
-    exp = c.get_experiment_by_name(experiment)
-    parent = tracking.find_sweep_run(tracking_uri, exp.experiment_id, str(folder)) if exp else None
+    parent = tracking.sweep_run(tracking_uri, experiment, str(folder))
     if parent is None:
         raise OrpolabError(f"no MLflow sweep run for {folder} in {tracking_uri} (experiment {experiment!r})")
     return parent
 
 
-def candidates(tracking_uri: str, parent) -> list[Candidate]:
-    out = []
-    for run in tracking.child_runs(tracking_uri, parent.info.run_id):
-        metric = run.data.tags.get("orpolab.selection_metric", "")
-        value = run.data.metrics.get(f"best/{metric}")
-        out.append(Candidate(
-            run_id=run.info.run_id, job_num=int(run.data.tags.get("orpolab.job_num", "0")),
-            status=run.info.status, value=value, best_checkpoint=run.data.tags.get("orpolab.best_checkpoint"),
-            output_dir=run.data.tags.get("orpolab.output_dir"), overrides=run.data.tags.get("orpolab.overrides", ""),
-            start_time=run.info.start_time or 0, metric=metric,
-            mode=run.data.tags.get("orpolab.selection_mode", "min"),
-            method=run.data.tags.get("orpolab.method", "orpo"),
-            confirm_of=run.data.tags.get("orpolab.confirm_of"),
-        ))
-    return out
-
-
-def rank(cands: list[Candidate], mode: str) -> list[Candidate]:
+def rank(cands: list[JobRecord], mode: str) -> list[JobRecord]:
     """Finished runs with a finite value, best first, ties broken by job number then start time."""
     if mode not in ("min", "max"):
         raise OrpolabError(f"selection.mode must be 'min' or 'max', got {mode!r}")
-    usable = [c for c in cands if c.status == "FINISHED" and c.value is not None and math.isfinite(c.value)
+    usable = [c for c in cands if c.finished and c.value is not None and math.isfinite(c.value)
               and c.confirm_of is None]
     sign = 1.0 if mode == "min" else -1.0
     # Round to 12 significant digits so float noise does not decide a tie.
     return sorted(usable, key=lambda c: (float(f"{sign * c.value:.12g}"), c.job_num, c.start_time))
 
 
-def select_winners(tracking_uri: str, parent, metric: str | None = None, mode: str | None = None,
-                   log_to_parent: bool = True) -> dict[str, Candidate]:
+def select_winners(tracking_uri: str, parent: SweepRecord, metric: str | None = None, mode: str | None = None,
+                   log_to_parent: bool = True) -> dict[str, JobRecord]:
     """The winners by label: ``{"winner": ...}`` for a one-method sweep, else one per method name.
 
     The full ranking (per method) is logged on the parent run; errors if every job failed.
     ``metric`` and ``mode`` default to the ones the sweep's jobs were trained with (their tags):
     the best checkpoints were kept by that metric.
     """
-    cands = candidates(tracking_uri, parent)
+    cands = tracking.job_records(tracking_uri, parent.run_id)
     metric = metric or next((c.metric for c in cands if c.metric), "")
     mode = mode or next((c.mode for c in cands if c.metric), "min")
     ranking = rank(cands, mode)
     if not ranking:
-        failed = sum(c.status == "FAILED" for c in cands)
+        failed = sum(c.status == records.FAILED for c in cands)
         raise OrpolabError(
-            f"no finished job to export in sweep run {parent.info.run_id}: {len(cands)} job(s), {failed} failed. "
+            f"no finished job to export in sweep run {parent.run_id}: {len(cands)} job(s), {failed} failed. "
             "See the jobs' orpolab.error tags in MLflow; nothing was exported."
         )
     methods = sorted({c.method for c in cands}, key=lambda m: min(c.job_num for c in cands if c.method == m))
@@ -118,17 +85,17 @@ def select_winners(tracking_uri: str, parent, metric: str | None = None, mode: s
         if not w.best_checkpoint or not Path(w.best_checkpoint).is_file():
             raise OrpolabError(f"the {label}'s best checkpoint {w.best_checkpoint} is missing (job {w.job_num})")
     if log_to_parent:
-        job = tracking.JobRun(tracking_uri, parent.info.run_id)
+        sweep_run = tracking.SweepRun(tracking_uri, parent.run_id)
         table = {"metric": metric, "mode": mode,
                  "rule": "best value per method; ties -> lowest job number, then earliest start",
-                 "ranking": [asdict(c) for c in ranking],
+                 "ranking": [c.brief() for c in ranking],
                  "per_method": {m: [c.job_num for c in r] for m, r in per_method.items()},
-                 "ignored": [asdict(c) for c in cands if c not in ranking]}
-        job.log_dict(table, "selection/ranking.json")
+                 "ignored": [c.brief() for c in cands if c not in ranking]}
+        sweep_run.log_dict(table, "selection/ranking.json")
         for label, w in winners.items():
-            prefix = "orpolab.winner" if label == "winner" else f"orpolab.winner.{label}"
-            job.set_tags({f"{prefix}_run_id": w.run_id, f"{prefix}_job": str(w.job_num),
-                          f"{prefix}_overrides": w.overrides})
+            prefix = records.WINNER if label == "winner" else f"{records.WINNER}.{label}"
+            sweep_run.set_tags({f"{prefix}_run_id": w.run_id, f"{prefix}_job": str(w.job_num),
+                                f"{prefix}_overrides": w.overrides})
             key = f"winner/{metric}" if label == "winner" else f"winner/{label}/{metric}"
-            job.log_metrics({key: w.value})
+            sweep_run.log_metrics({key: w.value})
     return winners

@@ -9,7 +9,6 @@ records what failed (:class:`SweepOutcome`), prints it with the commands that re
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -24,7 +23,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from orpolab.core import console, tracking
+from orpolab.core import console, launcher, records, sweep_layout, tracking
+from orpolab.core.files import append_jsonl
+from orpolab.core.records import JobRecord, SweepRecord
 from orpolab.sweep import preflight, sweep_id
 from orpolab.train.trial import is_search
 
@@ -60,6 +61,29 @@ class SweepOutcome:
 _outcome: SweepOutcome | None = None
 
 
+def job_outcome(config: DictConfig, job_return: Any) -> dict[str, Any]:
+    """How a job of this sweep ended: ``COMPLETED`` with its best value, ``FAILED`` with its error, or
+    ``PRUNED`` (a search trial its pruner stopped).
+
+    A job catches its own error so that the sweep goes on, so Hydra calls it COMPLETED with no value;
+    its MLflow run says whether it failed or was pruned.
+    """
+    status = getattr(job_return, "status", None)
+    if status != JobStatus.COMPLETED:  # an error that escaped the job (Hydra holds it as the return value)
+        error = getattr(job_return, "_return_value", None)
+        return {"status": getattr(status, "name", str(status)), "return_value": None,
+                "error": f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else ""}
+    if job_return._return_value is not None:
+        return {"status": "COMPLETED", "return_value": job_return._return_value}
+    mlcfg = config.logger.mlflow
+    sweep = tracking.sweep_run(mlcfg.tracking_uri, mlcfg.experiment_name, sweep_dir_of(config))
+    job = tracking.job_record(mlcfg.tracking_uri, sweep.run_id, str(config.hydra.job.num)) if sweep else None
+    if job is not None and job.pruned:
+        return {"status": "PRUNED", "return_value": None}
+    return {"status": "FAILED", "return_value": None,
+            "error": job.error if job is not None and job.error else "the job returned no value"}
+
+
 def exit_status() -> int:
     """1 if the multirun that ended in this process had a failed job or post-sweep stage, else 0.
 
@@ -84,19 +108,19 @@ class SweepCallback(Callback):
     @console.exit_on_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         preflight.stop_unless_valid(config)  # every job's config, before any job or MLflow run exists
-        pin_sweep_dir(config)
+        folder = pin_sweep_dir(config)
+        # A sweep folder of an older layout is refused before any of its jobs resumes.
+        sweep_layout.check_sweep(folder, retry="start a new sweep with sweep_id=<a new name>")
+        sweep_layout.stamp(folder, tracking.git_commit(str(config.paths.root_dir)))
         tracking.experiment_id(config.logger.mlflow.tracking_uri, config.logger.mlflow.experiment_name)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        """Append the job's Hydra return value (its best selection value) to ``returns.jsonl``."""
+        """Append how the job ended and its best selection value to ``returns.jsonl`` (see :func:`job_outcome`)."""
         if config.hydra.mode != RunMode.MULTIRUN:
             return
-        status = getattr(job_return, "status", None)
-        value = job_return._return_value if status == JobStatus.COMPLETED else None
         record = {"job": config.hydra.job.num, "overrides": list(config.hydra.overrides.task),
-                  "status": getattr(status, "name", str(status)), "return_value": value}
-        with open(Path(sweep_dir_of(config)) / "returns.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+                  **job_outcome(config, job_return)}
+        append_jsonl(Path(sweep_dir_of(config)) / "returns.jsonl", record)
 
     @console.exit_on_error
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -116,20 +140,18 @@ class SweepCallback(Callback):
             outcome.failures.append(f"no job of the sweep {sweep_dir} left a run in MLflow ({uri}); "
                                     f"run it again with: {rerun_command()}")
             return
-        parent = tracking.JobRun(uri, summary["parent_run_id"])
-        parent.log_metrics({"sweep/jobs_finished": summary["finished"], "sweep/jobs_failed": summary["failed"]})
-        parent.finish()
+        tracking.SweepRun(uri, summary.sweep.run_id).close(summary.jobs)
         print(format_summary(summary, uri, sweep_dir), flush=True)
-        unfinished = [j for j in summary["jobs"] if j["status"] != "FINISHED"]
+        unfinished = [j for j in summary.jobs if not j.finished]
         if is_search(config.hydra.sweeper):
             # A search's pruned and failed trials are final outcomes, not failures of the command.
-            if not summary["finished"]:
+            if not summary.finished:
                 outcome.failures.append(f"no trial of the search {sweep_dir} finished; see the trials' errors above")
         elif unfinished:
-            outcome.failures.append(jobs_failure(unfinished, summary["jobs"]))
+            outcome.failures.append(jobs_failure(unfinished, summary.jobs))
         if not config.export.enabled:
             return
-        if not summary["finished"]:
+        if not summary.finished:
             print("No job finished: nothing to export.", flush=True)
             return
         # This run's own export and evaluation overrides (the sweep may be re-run with other ones: same sweep).
@@ -143,10 +165,9 @@ class SweepCallback(Callback):
                            [sweep_dir, "--tracking-uri", uri, "--report-dir", str(config.paths.report_dir),
                             *evaluation_overrides],
                            f"it resumes where it stopped with: python -m orpolab.evaluate {sweep_dir}"))
-        launcher = str(config.hydra.launcher.get("_target_", ""))
-        if "submitit" in launcher:
+        if launcher.submitit_cluster(config.hydra.launcher):
             submit_post_stages(config, stages, sweep_dir, outcome)
-        elif "RayLauncher" in launcher:
+        elif launcher.is_ray(config.hydra.launcher):
             ray_post_stages(config, stages, outcome)
         else:
             failure = run_post_stages(stages)
@@ -167,17 +188,17 @@ def stage_overrides(config: DictConfig) -> tuple[list[str], list[str]]:
             [o for o in task if override_group(o) in ("evaluation", "eval_prompts")])
 
 
-def jobs_failure(unfinished: list[dict], jobs: list[dict]) -> str:
+def jobs_failure(unfinished: list[JobRecord], jobs: list[JobRecord]) -> str:
     """One line for the jobs that did not finish (FAILED, or still RUNNING after a crash) and how to re-run them.
 
     Each job is named by the values the sweep varies, not by every override it shares with the others.
     """
-    overrides = [console.brief_overrides(j["overrides"]).split() for j in jobs]
+    overrides = [console.brief_overrides(j.overrides).split() for j in jobs]
     shared = set.intersection(*map(set, overrides)) if len(jobs) > 1 else set()
 
-    def name(job: dict) -> str:
-        own = [o for o in console.brief_overrides(job["overrides"]).split() if o not in shared]
-        return f"{job['job']} ({' '.join(own)})" if own else str(job["job"])
+    def name(job: JobRecord) -> str:
+        own = [o for o in console.brief_overrides(job.overrides).split() if o not in shared]
+        return f"{job.job_num} ({' '.join(own)})" if own else str(job.job_num)
 
     names = ", ".join(name(j) for j in unfinished[:3])
     more = f" and {len(unfinished) - 3} more" if len(unfinished) > 3 else ""
@@ -211,16 +232,16 @@ def submit_post_stages(config: DictConfig, stages: list[tuple], sweep_dir: str, 
     """
     import submitit
 
-    launcher = config.hydra.launcher
-    cluster = "local" if "LocalLauncher" in str(launcher._target_) else "slurm"
+    launcher_cfg = config.hydra.launcher
+    cluster = launcher.submitit_cluster(launcher_cfg)
     folder = Path(sweep_dir) / ".submitit" / "post"
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-    params = {k: launcher[k] for k in ("timeout_min", "cpus_per_task", "gpus_per_node", "mem_gb")
-              if launcher.get(k) is not None}
+    params = {k: launcher_cfg[k] for k in ("timeout_min", "cpus_per_task", "gpus_per_node", "mem_gb")
+              if launcher_cfg.get(k) is not None}
     if cluster == "slurm":
-        params.update({f"slurm_{k}": launcher[k] for k in ("partition", "qos", "account", "constraint", "gres",
-                                                           "additional_parameters", "setup")
-                       if launcher.get(k)})
+        params.update({f"slurm_{k}": launcher_cfg[k] for k in ("partition", "qos", "account", "constraint", "gres",
+                                                               "additional_parameters", "setup")
+                       if launcher_cfg.get(k)})
     executor.update_parameters(name="orpolab-post-sweep", tasks_per_node=1, nodes=1, **params)
     job = executor.submit(run_post_stages, stages, True)
     print(f"\nPost-sweep stages (export, evaluation) submitted as {cluster} job {job.job_id}; "
@@ -299,46 +320,46 @@ def run_stage(name: str, title: str, module: str, args: list[str], retry_hint: s
     return None
 
 
-def summarize_sweep(tracking_uri: str, experiment: str, sweep_dir: str) -> dict | None:
-    """Status and selection value of every job of the sweep, from MLflow."""
-    c = tracking.client(tracking_uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    parent = tracking.find_sweep_run(tracking_uri, exp.experiment_id, sweep_dir)
+@dataclass(frozen=True)
+class SweepSummary:
+    """A sweep's parent run and its jobs, as MLflow recorded them."""
+
+    sweep: SweepRecord
+    jobs: list[JobRecord]
+
+    @property
+    def finished(self) -> int:
+        return sum(j.finished for j in self.jobs)
+
+    @property
+    def failed(self) -> int:
+        return sum(j.status == records.FAILED for j in self.jobs)
+
+    @property
+    def pruned(self) -> int:
+        """A search's trials its pruner stopped."""
+        return sum(j.pruned for j in self.jobs)
+
+
+def summarize_sweep(tracking_uri: str, experiment: str, sweep_dir: str) -> SweepSummary | None:
+    """Status and selection value of every job of the sweep, from MLflow; None when no job left a run."""
+    parent = tracking.sweep_run(tracking_uri, experiment, sweep_dir)
     if parent is None:
         return None
-    children = tracking.child_runs(tracking_uri, parent.info.run_id)
-    jobs = []
-    for run in sorted(children, key=lambda r: int(r.data.tags.get("orpolab.job_num", "0"))):
-        metric = run.data.tags.get("orpolab.selection_metric", "")
-        jobs.append({
-            "job": run.data.tags.get("orpolab.job_num", "?"),
-            "overrides": run.data.tags.get("orpolab.overrides", ""),
-            "status": run.info.status,
-            "best": run.data.metrics.get(f"best/{metric}"),
-            "error": run.data.tags.get("orpolab.error", ""),
-            "run_id": run.info.run_id,
-        })
-    return {
-        "parent_run_id": parent.info.run_id, "experiment_id": exp.experiment_id, "jobs": jobs,
-        "finished": sum(j["status"] == "FINISHED" for j in jobs),
-        "failed": sum(j["status"] == "FAILED" for j in jobs),
-        "pruned": sum(j["status"] == "KILLED" for j in jobs),  # a search's trials its pruner stopped
-    }
+    return SweepSummary(parent, tracking.job_records(tracking_uri, parent.run_id))
 
 
-def format_summary(summary: dict, tracking_uri: str, sweep_dir: str) -> str:
-    pruned = f", {summary['pruned']} pruned" if summary.get("pruned") else ""
-    lines = [f"\nSweep finished: {summary['finished']} job(s) finished, {summary['failed']} failed{pruned}."]
-    for job in summary["jobs"]:
-        value = f"{job['best']:.4f}" if job["best"] is not None else "-"
-        line = f"  job {job['job']:>3}  {job['status']:<9} best={value:<8} {console.brief_overrides(job['overrides'])}"
-        if job["error"]:
-            line += f"\n             error: {job['error'][:300]}"
+def format_summary(summary: SweepSummary, tracking_uri: str, sweep_dir: str) -> str:
+    pruned = f", {summary.pruned} pruned" if summary.pruned else ""
+    lines = [f"\nSweep finished: {summary.finished} job(s) finished, {summary.failed} failed{pruned}."]
+    for job in summary.jobs:
+        value = f"{job.value:.4f}" if job.value is not None else "-"
+        line = f"  job {job.job_num:>3}  {job.status:<9} best={value:<8} {console.brief_overrides(job.overrides)}"
+        if job.error:
+            line += f"\n             error: {job.error[:300]}"
         lines.append(line)
     lines.append(f"Sweep folder: {sweep_dir}")
-    page = tracking.runs_page(summary.get("experiment_id"))
+    page = tracking.runs_page(summary.sweep.experiment_id)
     lines.append(f"MLflow UI:    mlflow ui --backend-store-uri {tracking_uri}   (then open {page})")
     return "\n".join(lines)
 

@@ -41,9 +41,11 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from orpolab.core import console, tracking
+from orpolab.core import console, records, tracking
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import write_json_atomic
+from orpolab.core.launcher import parallel_jobs
+from orpolab.core.records import JobRecord, SweepRecord
 from orpolab.sweep import space as search_space
 from orpolab.train.trial import study_location
 
@@ -161,9 +163,7 @@ class SearchSweeper(Sweeper):
 
     def batch_size(self) -> int:
         """Trials launched together: the joblib launcher's ``n_jobs``, else one at a time."""
-        launcher = self.config.hydra.launcher
-        n_jobs = launcher.get("n_jobs") if "joblib" in str(launcher.get("_target_", "")) else None
-        return max(1, int(n_jobs)) if n_jobs else 1
+        return parallel_jobs(self.config.hydra.launcher)
 
     def run_study(self, study, fixed: list[str], space: dict) -> list[JobReturn]:
         from optuna.trial import TrialState
@@ -237,11 +237,11 @@ class SearchSweeper(Sweeper):
         if isinstance(value, (int, float)) and math.isfinite(value):
             study.tell(trial.number, float(value), skip_if_finished=True)
             return
-        run = self.job_run(trial.number)
-        if run is not None and run.info.status == "KILLED":
+        job = self.job_record(trial.number)
+        if job is not None and job.pruned:
             study.tell(trial.number, state=TrialState.PRUNED, skip_if_finished=True)
             return
-        error = run.data.tags.get("orpolab.error", "") if run is not None else ""
+        error = job.error if job is not None else ""
         if not error and ret.status == JobStatus.FAILED:
             error = f"{type(ret._return_value).__name__}: {ret._return_value}"
         if isinstance(trial, optuna.trial.FrozenTrial):  # a resumed trial: its live handle, to annotate it
@@ -251,32 +251,33 @@ class SearchSweeper(Sweeper):
 
     def log_to_parent(self, summary: dict) -> None:
         """The search on the sweep's MLflow parent run: the study, its best trial, and search.json."""
-        mlcfg = self.config.logger.mlflow
-        exp = tracking.client(mlcfg.tracking_uri).get_experiment_by_name(mlcfg.experiment_name)
-        sweep_dir = str(Path(str(self.config.hydra.sweep.dir)).resolve())
-        parent = tracking.find_sweep_run(mlcfg.tracking_uri, exp.experiment_id, sweep_dir) if exp else None
+        parent = self.sweep_record()
         if parent is None:  # no trial ran in this command nor before
             return
-        run = tracking.JobRun(mlcfg.tracking_uri, parent.info.run_id)
+        run = tracking.SweepRun(self.config.logger.mlflow.tracking_uri, parent.run_id)
         run.log_dict(summary, f"search/{SUMMARY_FILE}")
         states = [t["state"] for t in summary["trials"] if t["confirm_of"] is None]
         run.log_metrics({f"search/trials_{s.lower()}": states.count(s) for s in ("COMPLETE", "PRUNED", "FAIL")})
-        run.set_tags({"orpolab.study": summary["study"], "orpolab.study_storage": summary["storage"]})
+        run.set_tags({records.STUDY: summary["study"], records.STUDY_STORAGE: summary["storage"]})
         best = summary["best"]
         if best is not None:
-            run.set_tags({"orpolab.search_best_trial": str(best["number"])})
+            run.set_tags({records.SEARCH_BEST_TRIAL: str(best["number"])})
             run.log_metrics({"search/best_value": best["value"]})
             if best["spread"]:
                 spread = best["spread"]
                 run.log_metrics({"search/confirm_mean": spread["mean"], "search/confirm_sd": spread["sd"]})
 
-    def job_run(self, number: int):
-        """The trial's MLflow run (by job number, under the sweep's parent run), or None."""
+    def sweep_record(self) -> SweepRecord | None:
+        """The search's MLflow parent run (created by its first trial), or None."""
         mlcfg = self.config.logger.mlflow
-        exp = tracking.client(mlcfg.tracking_uri).get_experiment_by_name(mlcfg.experiment_name)
         sweep_dir = str(Path(str(self.config.hydra.sweep.dir)).resolve())
-        parent = tracking.find_sweep_run(mlcfg.tracking_uri, exp.experiment_id, sweep_dir) if exp else None
-        return tracking.find_job_run(mlcfg.tracking_uri, parent.info.run_id, str(number)) if parent else None
+        return tracking.sweep_run(mlcfg.tracking_uri, mlcfg.experiment_name, sweep_dir)
+
+    def job_record(self, number: int) -> JobRecord | None:
+        """The trial's job record (by job number, under the sweep's parent run), or None."""
+        parent = self.sweep_record()
+        return tracking.job_record(self.config.logger.mlflow.tracking_uri, parent.run_id, str(number)) \
+            if parent else None
 
 
 def build(node: Any, seed_offset: int = 0) -> Any:
