@@ -122,15 +122,21 @@ def test_evaluate_judges_with_the_overridden_judge_file_and_prompt_set(sweep, tm
     assert f"path: {judge}" in (folder / "settings.yaml").read_text()
 
 
-def test_a_bad_override_is_refused_before_any_work(sweep, tmp_path):
+def test_a_bad_override_is_refused_before_any_work(sweep, tmp_path, monkeypatch):
+    import llama_cpp
+
     from orpolab.evaluate.plan import EvaluationPlan
+
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: False)  # a CPU build, as here
 
     copy = laptop_copy(sweep["dir"], tmp_path / "sweep")
     for override, message in (("evaluation.bogus=1", "evaluation.bogus: Key 'bogus' not in 'EvaluationConfig'"),
                               ("evaluation.quants=[Q9]", "Invalid value 'Q9'"),
                               ("model.lr=1", "takes overrides of evaluation, eval_prompts only"),
                               ("evaluation.judge.path=/no/judge.gguf", "judge file /no/judge.gguf does not exist"),
-                              ("evaluation.quants=[Q5_K_M]", "Q5_K_M not exported")):
+                              ("evaluation.quants=[Q5_K_M]", "Q5_K_M not exported"),
+                              ("evaluation.judge.n_gpu_layers=-1", "evaluation.judge.n_gpu_layers=-1 asks for the GPU, "
+                               "but this llama-cpp-python build has no GPU backend; rebuild .*-DGGML_CUDA=on")):
         with pytest.raises(OrpolabError, match=message.replace("[", r"\[")):
             EvaluationPlan(copy, sweep["uri"], [override])
     proc = evaluate_cli(copy, sweep["uri"], "eval_prompts=nosuch")
