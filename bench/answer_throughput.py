@@ -49,8 +49,8 @@ def main() -> None:
     parser.add_argument("--gguf", type=Path, help="a random-weight GGUF of the preset's shape built before")
     args = parser.parse_args()
     p = PRESETS[args.preset]
+    from orpolab.core.llama_runtime import open_gguf
     from orpolab.evaluate.batched import Request, chat_prompt, context_for, kv_bytes_per_token
-    from orpolab.export.llamacpp import open_gguf
 
     with tempfile.TemporaryDirectory(prefix="orpolab-bench-") as tmp:
         work = Path(tmp)

@@ -38,10 +38,9 @@ def prompt_ids(tokenizer, n: int, count: int) -> list[list[int]]:
 
 
 def bench_gguf(path: Path, prompts: list[list[int]], new_tokens: int, threads: int) -> dict:
-    from llama_cpp import Llama
+    from orpolab.core.llama_runtime import open_gguf
 
-    llm = Llama(model_path=str(path), n_ctx=max(len(p) for p in prompts) + new_tokens + 8, n_threads=threads,
-                n_threads_batch=threads, n_batch=512, verbose=False)
+    llm = open_gguf(path, max(len(p) for p in prompts) + new_tokens + 8, threads, n_batch=512)
     pp, tg = [], []
     try:
         llm.reset()

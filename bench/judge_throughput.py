@@ -69,9 +69,9 @@ def main() -> None:
     p = PRESETS[args.preset]
     from flow_judge import EvalInput, FlowJudge
 
+    from orpolab.core.llama_runtime import open_gguf
     from orpolab.evaluate.batched import Request, context_for, kv_bytes_per_token
     from orpolab.evaluate.judge import metric_by_name, verdict_grammar
-    from orpolab.export.llamacpp import open_gguf
 
     metric = metric_by_name("RESPONSE_CORRECTNESS_5POINT")
     with tempfile.TemporaryDirectory(prefix="orpolab-bench-") as tmp:
@@ -123,12 +123,11 @@ def formatter():
 
 def real_tokens(prompts: list[str]) -> list[list[int]]:
     """Phi-3.5's chat template and tokenizer (llama.cpp's vocabulary-only Phi-3 GGUF, from the sdist)."""
-    from llama_cpp import Llama
-
+    from orpolab.core.llama_runtime import open_gguf
     from orpolab.export.llamacpp import converter_dir
 
     path = converter_dir(ROOT / ".cache") / "models" / "ggml-vocab-phi-3.gguf"
-    vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    vocab = open_gguf(path, 64, vocab_only=True)
     try:
         return [vocab.tokenize(f"<|user|>\n{p}<|end|>\n<|assistant|>\n".encode(), add_bos=True, special=True)
                 for p in prompts]

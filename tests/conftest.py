@@ -102,7 +102,8 @@ def sweep(warm_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     proc = run_train(["-m", "experiment=demo", "trainer.max_steps=60",
-                      f"evaluation.judge.calibration_cache={tmp / 'calibration'}", "trainer.val_check_interval=30",
+                      f"evaluation.judge.calibration_cache={tmp / 'calibration'}",
+                      f"evaluation.store_dir={tmp / 'store'}", "trainer.val_check_interval=30",
                       "orpo.beta=0.05,0.1", f"hydra.sweep.dir={tmp / 'sweep'}", f"paths.report_dir={tmp / 'report'}",
                       "export.quant_types=[Q4_K_M,Q8_0]", "evaluation.quants=[F16,Q4_K_M]", *EVAL_SMALL],
                      env_extra={"MLFLOW_TRACKING_URI": uri})
@@ -118,6 +119,7 @@ def method_sweep(warm_llama, tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     proc = run_train(["-m", "experiment=demo", "method=orpo,dpo,simpo,sft", "trainer.max_steps=40",
                       f"evaluation.judge.calibration_cache={tmp / 'calibration'}",
+                      f"evaluation.store_dir={tmp / 'store'}",
                       "trainer.val_check_interval=20", "trainer.enable_progress_bar=false",
                       f"hydra.sweep.dir={tmp / 'sweep'}", f"paths.report_dir={tmp / 'report'}", *EVAL_SMALL],
                      env_extra={"MLFLOW_TRACKING_URI": uri})

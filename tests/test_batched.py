@@ -8,14 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from orpolab.core.defaults import default_settings
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import read_jsonl
+from orpolab.core.llama_runtime import open_gguf
 from orpolab.evaluate import batched
 from orpolab.evaluate.batched import BatchedDecoder, Request, chat_prompt, check_memory, context_for, kv_bytes_per_token
-from orpolab.export.llamacpp import open_gguf
 
 QUESTIONS = ["What is 2 + 2?", "Name three colours.", "Write one sentence about the sea.", "Say hi."]
 MAX_TOKENS = 24
@@ -220,8 +219,11 @@ def test_a_kill_mid_batch_then_a_rerun_answers_only_the_missing_prompts(gguf, tm
 
 
 def test_a_kill_mid_batch_then_a_rerun_judges_only_the_missing_answers(gguf, tmp_path):
+    from types import SimpleNamespace
+
     from orpolab.evaluate.judge import LlamaCppFlowJudge
-    from orpolab.evaluate.pipeline import Evaluation
+    from orpolab.evaluate.stages import verdicts
+    from orpolab.evaluate.store import Store
 
     prompts = [{"id": f"p{i}", "prompt": q, "reference": "a short answer"} for i, q in enumerate(QUESTIONS[:3])]
     answers = {m: {p["id"]: {"answer": f"{m} says: {p['prompt'][:10]}"} for p in prompts} for m in ("base", "winner")}
@@ -237,19 +239,24 @@ def test_a_kill_mid_batch_then_a_rerun_judges_only_the_missing_answers(gguf, tmp
                     raise Interrupted
                 yield item
 
-    ev = Evaluation.__new__(Evaluation)
-    ev.out, ev.models = tmp_path, ("base", "winner")
-    ev.cfg = OmegaConf.create({"judge": {"metrics": ["RESPONSE_CORRECTNESS_3POINT"], "max_prompts": None}})
-    ev.prompts, ev.answers, ev.judge_name = (lambda: prompts), (lambda: answers), (lambda: "small judge")
-    ev._backend = lambda scores: Judge(gguf, scores, max_tokens=0, max_feedback_chars=20, n_ctx=1024, parallel=4)
+    # The verdict stage reads only these of its plan (the store off: this is about the verdicts file).
+    plan = SimpleNamespace(
+        out=tmp_path, models=("base", "winner"), judged=prompts, answers=lambda: answers,
+        judge_name=lambda: "small judge", verdicts_file=lambda metric: tmp_path / f"verdicts-{metric}.jsonl",
+        settings=SimpleNamespace(judge=SimpleNamespace(metrics=["RESPONSE_CORRECTNESS_3POINT"])),
+        judge_backend=lambda scores: Judge(gguf, scores, max_tokens=0, max_feedback_chars=20, n_ctx=1024,
+                                           parallel=4),
+        store=lambda kind: Store(tmp_path / "store", kind, enabled=False), judge_file=lambda: gguf,
+        file_sha256=lambda path: "0" * 64, judge_identity=lambda metric: {"grammar_sha256": "g", "sampling": {}},
+        record_reuse=lambda stage, reuse: None)
     Judge.kill_after = 3
     with pytest.raises(Interrupted):
-        ev.judge()
+        verdicts.run(plan)
     out_file = tmp_path / "verdicts-RESPONSE_CORRECTNESS_3POINT.jsonl"
     assert len(read_jsonl(out_file)) == 3 and len(asked) == 6
     asked.clear()
     Judge.kill_after = None
-    ev.judge()
+    verdicts.run(plan)
     verdicts = read_jsonl(out_file)
     assert len(asked) == 3  # only the three verdicts lost to the kill were asked for again
     assert sorted((v["model"], v["id"]) for v in verdicts) == sorted((m, p["id"]) for m in answers for p in prompts)

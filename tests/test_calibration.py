@@ -9,7 +9,7 @@ import random
 
 import pytest
 from flow_judge import EvalInput, FlowJudge
-from flow_judge.metrics import RESPONSE_CORRECTNESS_5POINT
+from flow_judge.metrics import RESPONSE_CORRECTNESS_3POINT, RESPONSE_CORRECTNESS_5POINT, RESPONSE_CORRECTNESS_BINARY
 from flow_judge.models.common import BaseFlowJudgeModel
 
 from orpolab.core.errors import OrpolabError
@@ -237,7 +237,8 @@ def test_flow_judge_builds_a_reference_free_prompt(tmp_path, judge_file):
     first = pair_prompts[0]
     assert f"<query>\n{pairs[0]['prompt']}\n</query>" in first
     assert f"<response>\n{pairs[0]['chosen']}\n</response>" in first
-    assert METRIC.criteria in first and "- Score 5: " in first
+    assert calibration.REFERENCE_FREE_CRITERIA in first and "- Score 5: " in first
+    assert "reference" not in first.replace("no reference answer is given", "")  # nothing it is not shown
     checked = [p for p in backend.prompts if "<reference_answer>" in p]
     query = checkable[0]["prompt"]
     assert f"<reference_answer>\nThe correct value is {values[query]}.\n</reference_answer>" in checked[0]
@@ -254,10 +255,16 @@ def test_flow_judge_unparsable_verdicts_are_none(judge_file):
 def test_reference_free_metric():
     free = reference_free(METRIC)
     assert free.name == METRIC.name + "_REFERENCE_FREE" and free.required_inputs == ["query"]
-    assert (free.criteria, free.rubric, free.required_output) == (METRIC.criteria, METRIC.rubric,
-                                                                  METRIC.required_output)
+    assert free.required_output == METRIC.required_output
+    assert [r.score for r in free.rubric] == [r.score for r in METRIC.rubric]
     prompt = metric_prompt(free, {"query": "Q?"}, "A.")
     assert "<query>\nQ?\n</query>" in prompt and "reference_answer" not in prompt
+    # The judge is shown no reference, so neither the criteria nor the rubric may ask it to compare with one.
+    assert "reference" not in prompt.replace("no reference answer is given", "").lower()
+    for preset in (RESPONSE_CORRECTNESS_BINARY, RESPONSE_CORRECTNESS_3POINT):
+        other = reference_free(preset)
+        assert [r.score for r in other.rubric] == [r.score for r in preset.rubric]
+        assert "reference" not in " ".join(r.description for r in other.rubric).lower()
     with pytest.raises(OrpolabError, match="takes the inputs"):  # no reference for the reference-free metric
         flow_judge_scorer(lambda s: RecordingBackend(s, ""))(free, {"query": "Q?", "reference_answer": "A."}, "A.")
     with pytest.raises(ValueError, match="do not match required inputs"):  # and flow-judge refuses one too

@@ -310,13 +310,12 @@ def test_a_sweep_folder_of_an_older_layout_is_refused_with_what_to_do(tmp_path):
 
 
 def test_an_export_of_an_older_layout_is_refused_with_what_to_do(tmp_path):
-    from orpolab.evaluate.pipeline import Evaluation
+    from orpolab.evaluate.plan import EvaluationPlan
 
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "export.json").write_text(json.dumps({"winner": {"config": {}, "best_checkpoint": "x"}}))
     with pytest.raises(OrpolabError) as info:
-        Evaluation(tmp_path, "sqlite:///unused.db")
+        EvaluationPlan(tmp_path, "sqlite:///unused.db")
     assert str(info.value) == (
-        f"{tmp_path} was written by an orpolab older than 86983ec (2026-11-24) (its export/export.json names no "
-        f"job folder of the winner), which this version does not read; move {tmp_path / 'export'} aside and run "
-        f"`python -m orpolab.export {tmp_path}` to export it again")
+        f"the export of {tmp_path} was written by orpolab before exports recorded the winner's job folder (before "
+        f"commit 86983ec); export it again: python -m orpolab.export {tmp_path}")

@@ -70,6 +70,7 @@ def test_a_rerun_with_other_evaluation_settings_trains_nothing_and_adds_an_evalu
     small = [o for o in EVAL_SMALL if o.split("=")[0] not in changed] + [f"{k}={v}" for k, v in changed.items()]
     proc = run_train(["-m", "experiment=demo", "trainer.max_steps=60", "trainer.val_check_interval=30",
                       f"evaluation.judge.calibration_cache={sweep['dir'].parent / 'calibration'}",
+                      f"evaluation.store_dir={sweep['dir'].parent / 'store'}",
                       "orpo.beta=0.05,0.1", f"hydra.sweep.dir={own['dir']}", f"paths.report_dir={reports}",
                       "export.quant_types=[Q4_K_M,Q8_0]", *small], env_extra={"MLFLOW_TRACKING_URI": own["uri"]})
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
@@ -108,30 +109,36 @@ def test_evaluate_judges_with_the_overridden_judge_file_and_prompt_set(sweep, tm
     assert results["judge_identity"]["RESPONSE_CORRECTNESS_5POINT"]["file"] == "winner-Q8_0.gguf"
     assert results["splits"]["evaluation_prompts"]["source"] == "the test split" and results["checks"] == []
     # The same settings name the same evaluation, whose prompts are the test split's first two.
-    from orpolab.evaluate.pipeline import Evaluation
+    from orpolab.evaluate.plan import EvaluationPlan
 
-    again = Evaluation(own["dir"], own["uri"], ["eval_prompts=heldout", "eval_prompts.max_prompts=2",
+    again = EvaluationPlan(own["dir"], own["uri"], ["eval_prompts=heldout", "eval_prompts.max_prompts=2",
                                                 f"evaluation.judge.path={judge}", "evaluation.quants=[]",
                                                 "evaluation.judge.calibration_size=0"])
     assert again.out == folder
     test_rows = [json.loads(line) for line in (ROOT / "data" / "sample" / "test.jsonl").open()]
-    assert [p["prompt"] for p in again.prompts()] == [r["prompt"] for r in test_rows[:2]]
+    assert [p["prompt"] for p in again.prompts] == [r["prompt"] for r in test_rows[:2]]
     verdicts = [json.loads(line) for line in (folder / "verdicts-RESPONSE_CORRECTNESS_5POINT.jsonl").open()]
     assert len(verdicts) == 4 and all("winner-Q8_0.gguf" in v["judge"] for v in verdicts)
     assert f"path: {judge}" in (folder / "settings.yaml").read_text()
 
 
-def test_a_bad_override_is_refused_before_any_work(sweep, tmp_path):
-    from orpolab.evaluate.pipeline import Evaluation
+def test_a_bad_override_is_refused_before_any_work(sweep, tmp_path, monkeypatch):
+    import llama_cpp
+
+    from orpolab.evaluate.plan import EvaluationPlan
+
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: False)  # a CPU build, as here
 
     copy = laptop_copy(sweep["dir"], tmp_path / "sweep")
     for override, message in (("evaluation.bogus=1", "evaluation.bogus: Key 'bogus' not in 'EvaluationConfig'"),
                               ("evaluation.quants=[Q9]", "Invalid value 'Q9'"),
                               ("model.lr=1", "takes overrides of evaluation, eval_prompts only"),
                               ("evaluation.judge.path=/no/judge.gguf", "judge file /no/judge.gguf does not exist"),
-                              ("evaluation.quants=[Q5_K_M]", "Q5_K_M not exported")):
+                              ("evaluation.quants=[Q5_K_M]", "Q5_K_M not exported"),
+                              ("evaluation.judge.n_gpu_layers=-1", "evaluation.judge.n_gpu_layers=-1 asks for the GPU, "
+                               "but this llama-cpp-python build has no GPU backend; rebuild .*-DGGML_CUDA=on")):
         with pytest.raises(OrpolabError, match=message.replace("[", r"\[")):
-            Evaluation(copy, sweep["uri"], [override])
+            EvaluationPlan(copy, sweep["uri"], [override])
     proc = evaluate_cli(copy, sweep["uri"], "eval_prompts=nosuch")
     assert proc.returncode == 1 and proc.stderr.startswith("error: Could not find 'eval_prompts/nosuch'")
     assert len(proc.stderr.strip().splitlines()) == 1

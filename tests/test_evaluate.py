@@ -122,7 +122,7 @@ def test_stages_alone_resume_and_report(own_sweep, tmp_path):
 def test_empty_prompt_set_is_a_clear_error(sweep, tmp_path):
     from omegaconf import OmegaConf
 
-    from orpolab.evaluate.pipeline import load_prompts
+    from orpolab.evaluate.prompts import load_prompts
 
     empty = tmp_path / "prompts.jsonl"
     empty.write_text("")
@@ -133,10 +133,10 @@ def test_empty_prompt_set_is_a_clear_error(sweep, tmp_path):
 
 
 def test_evaluation_without_export_says_what_to_run(tmp_path):
-    from orpolab.evaluate.pipeline import Evaluation
+    from orpolab.evaluate.plan import EvaluationPlan
 
     with pytest.raises(OrpolabError, match="has no export.*python -m orpolab.export"):
-        Evaluation(tmp_path, "sqlite:///unused.db")
+        EvaluationPlan(tmp_path, "sqlite:///unused.db")
 
 
 def test_prompt_longer_than_the_context_is_skipped_and_counted(sweep, tmp_path):

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from orpolab.core import llama_runtime
 from orpolab.core.config import LoraSettings, ModelConfig
 from orpolab.core.defaults import default_settings
 from orpolab.core.errors import OrpolabError
@@ -55,7 +56,7 @@ def test_hook_exports_the_winner_with_verified_ggufs(sweep):
         # A trained model, not near-uniform logits: perplexity far below the vocabulary size.
         assert check["ppl_pytorch"] < 0.1 * len(AutoTokenizer.from_pretrained(out / "merged"))
     # Named after the winner, so front ends show what they serve.
-    assert "orpolab winner" in llamacpp.gguf_metadata(out / "gguf" / "winner-Q4_K_M.gguf")["general.name"]
+    assert "orpolab winner" in llama_runtime.gguf_metadata(out / "gguf" / "winner-Q4_K_M.gguf")["general.name"]
     # K-quants really applied to the 256-wide tensors.
     types = llamacpp.tensor_types(out / "gguf" / "winner-Q4_K_M.gguf", CACHE)
     assert types["blk.0.attn_q.weight"] == "Q4_K"
@@ -205,7 +206,7 @@ def test_a_base_model_without_a_chat_template_learns_to_stop_at_the_fallbacks_eo
     assert turn.endswith("k = 3." + merged.eos_token)
     gguf = sweep / "export" / "gguf"
     for name in ("winner-f16.gguf", "base-f16.gguf"):
-        meta = llamacpp.gguf_metadata(gguf / name)
+        meta = llama_runtime.gguf_metadata(gguf / name)
         assert meta["tokenizer.chat_template"] == fallback, name
         assert int(meta["tokenizer.ggml.eos_token_id"]) == merged.eos_token_id, name
     summary = json.loads((sweep / "export" / "export.json").read_text())

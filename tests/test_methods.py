@@ -127,7 +127,7 @@ def test_each_method_trains_and_logs_its_metrics(tiny_models, tracking_uri, tmp_
 def test_mixed_method_sweep_exports_each_methods_best_and_reports_them_against_base(method_sweep):
     import json
 
-    from orpolab.export import llamacpp
+    from orpolab.core import llama_runtime
 
     sweep_dir = method_sweep["dir"]
     export = json.loads((sweep_dir / "export" / "export.json").read_text())
@@ -138,7 +138,7 @@ def test_mixed_method_sweep_exports_each_methods_best_and_reports_them_against_b
         w = export["winners"][label]
         assert w["method"] == label and w["metric"] == "val/chosen_bpb"
         gguf = sweep_dir / "export" / "gguf" / f"{label}-Q4_K_M.gguf"
-        assert gguf.is_file() and f"orpolab {label} winner" in llamacpp.gguf_metadata(gguf)["general.name"]
+        assert gguf.is_file() and f"orpolab {label} winner" in llama_runtime.gguf_metadata(gguf)["general.name"]
     assert {c["model"] for c in export["verification"]} == set(methods)
     assert (sweep_dir / "export" / "gguf" / "base-Q4_K_M.gguf").is_file()
 

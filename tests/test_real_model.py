@@ -18,6 +18,7 @@ def test_smollm2_trains_exports_with_identical_bpe_ids_and_is_evaluated(smollm2,
                       "evaluation.generation.max_tokens=12", "evaluation.judge.calibration_size=2",
                       "evaluation.judge.max_tokens=24", "evaluation.judge.max_feedback_chars=24",
                       f"evaluation.judge.calibration_cache={tmp_path / 'calibration'}",
+                      f"evaluation.store_dir={tmp_path / 'store'}",
                       f"hydra.sweep.dir={tmp_path / 'sweep'}", f"paths.report_dir={tmp_path / 'report'}"],
                      env_extra={"MLFLOW_TRACKING_URI": uri}, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]

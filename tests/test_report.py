@@ -10,8 +10,9 @@ from pathlib import Path
 
 from orpolab.evaluate.calibration import calibrate
 from orpolab.evaluate.judge import metric_by_name
-from orpolab.evaluate.pipeline import self_preference
-from orpolab.evaluate.report import held_out_cell, warnings
+from orpolab.evaluate.report import held_out_cell
+from orpolab.evaluate.report_results import warnings
+from orpolab.evaluate.stages.scores import self_preference
 
 from .conftest import compose, evaluation_dir, private_copy
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from orpolab.core.defaults import default_settings
-from orpolab.evaluate.pipeline import load_prompts
+from orpolab.evaluate.prompts import load_prompts
 from orpolab.export.pipeline import held_out_texts
 from orpolab.train.data import overlap, split_rows, three_splits
 

@@ -267,6 +267,8 @@ class GenerationConfig:
     parallel: int = MISSING
     # One KV cache for all sequences (true) or one per sequence (false).
     kv_unified: bool = MISSING
+    # Layers offloaded to the GPU (-1: all) on a CUDA or Metal build of llama-cpp-python; 0: the CPU.
+    n_gpu_layers: int = MISSING
 
 
 @dataclass
@@ -292,6 +294,8 @@ class JudgeConfig:
     # Verdicts decoded together per llama.cpp batch, and whether they share one KV cache (as for answers).
     parallel: int = MISSING
     kv_unified: bool = MISSING
+    # Layers offloaded to the GPU (-1: all), as for answers; 0: the CPU.
+    n_gpu_layers: int = MISSING
 
 
 @dataclass
@@ -314,6 +318,10 @@ class EvaluationConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    # Answers and verdicts taken from the content-addressed stores under store_dir when the same work was
+    # done before (any sweep, any evaluation); false: everything is made anew (and nothing is stored).
+    reuse: bool = MISSING
+    store_dir: str = MISSING
 
 
 @dataclass

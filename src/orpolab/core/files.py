@@ -58,6 +58,22 @@ def append_jsonl(path: Path, row: dict) -> None:
         os.fsync(fh.fileno())
 
 
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """Replace a JSON-lines file with ``rows`` in one rename (a kill leaves the old file or the new one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def looks_local(name_or_path: str) -> bool:
     """Paths are explicit (absolute, ./, ../, ~) or exist; anything else is a hub id."""
     return str(name_or_path).startswith(("/", "./", "../", "~")) or os.path.exists(name_or_path)

@@ -90,11 +90,6 @@ def older_layout(sweep: Path, sign: str, remedy: str = RERUN) -> OrpolabError:
                         f"version does not read; {remedy}")
 
 
-def export_again(sweep: Path) -> str:
-    """What to do about an export an older orpolab wrote: the training is still good."""
-    return f"move {sweep / 'export'} aside and run `python -m orpolab.export {sweep}` to export it again"
-
-
 def job_record(sweep: Path, job_dir: Path, name: str) -> Path:
     """One of the files Hydra saved in a job's folder (``.hydra/config.yaml``, ``.hydra/overrides.yaml``)."""
     file = job_dir / ".hydra" / name

@@ -20,7 +20,7 @@ so a larger or changed calibration set only judges what is new. A second call wi
 does no judging and loads no judge (:func:`flow_judge_scorer` opens its backend on first use).
 
 The judging itself is a function ``score_fn(metric, inputs, answer) -> score | None``, so this module
-runs without a model in the tests and without the pipeline's ``Evaluation`` class.
+runs without a model in the tests and without an evaluation plan.
 """
 
 from __future__ import annotations
@@ -35,18 +35,16 @@ from typing import TYPE_CHECKING, Any
 
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import append_jsonl, write_json_atomic
+from orpolab.evaluate.judge import eval_input, judge_many, metric_inputs
 from orpolab.evaluate.stats import auc, pairwise_preference
 
 if TYPE_CHECKING:
-    from flow_judge import EvalInput
     from flow_judge.metrics import CustomMetric, Metric
     from flow_judge.models.common import BaseFlowJudgeModel
 
 ScoreFn = Callable[["Metric", dict[str, str], str], "int | None"]
 
 REFERENCE_FREE_SUFFIX = "_REFERENCE_FREE"
-# The inputs a metric may name that are filled with the reference (correctness and faithfulness presets).
-REFERENCE_INPUTS = ("reference_answer", "context")
 HASH_CHUNK = 16 << 20  # bytes read at a time when hashing a judge file of a few GB
 SHORT_HASH = 12
 NOT_BETTER = "no better than chance"
@@ -60,32 +58,45 @@ _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 # ------------------------------------------------------------------ metrics and prompts
 
 
+# The reference-free variant's criteria and rubric: the judge is shown the query alone, so no sentence
+# may ask it to compare with a reference it never sees. One rubric per scale of flow-judge's presets.
+REFERENCE_FREE_CRITERIA = ("How correct, complete and relevant is the system's response as an answer to the query? "
+                           "Judge it from the query alone; no reference answer is given.")
+REFERENCE_FREE_RUBRICS: dict[tuple[int, ...], tuple[str, ...]] = {
+    (0, 1): ("The response does not answer the query correctly: it is inaccurate, incomplete, off topic or "
+             "misleading.",
+             "The response answers the query correctly and completely, with no inaccuracies or irrelevant details."),
+    (1, 2, 3): ("The response does not answer the query: it is incorrect, irrelevant or misleading.",
+                "The response partly answers the query: it addresses it but contains some incorrect, irrelevant or "
+                "incomplete information.",
+                "The response answers the query accurately and completely, with no incorrect or irrelevant "
+                "information."),
+    (1, 2, 3, 4, 5): ("The response is incorrect or irrelevant to the query.",
+                      "The response addresses the query but is mostly incorrect or incomplete.",
+                      "The response is partly correct: it answers part of the query, with some inaccuracies or "
+                      "missing details.",
+                      "The response is mostly correct and complete, with minor inaccuracies or missing details.",
+                      "The response answers the query correctly and completely, at the right level of detail."),
+}
+
+
 def reference_free(metric: Metric) -> CustomMetric:
-    """The metric with the query as its only input: same name + ``_REFERENCE_FREE``, criteria, rubric, output.
+    """The metric with the query as its only input: same name + ``_REFERENCE_FREE``, scale and output.
 
     Used for preference pairs, which have no reference but their own chosen answer; showing that
-    to the judge would grade the chosen answer against itself.
+    to the judge would grade the chosen answer against itself. flow-judge's correctness criteria
+    and rubrics speak of a reference answer throughout, so the variant gets criteria and a rubric
+    of its own that ask the same question of the query alone.
     """
-    from flow_judge.metrics import CustomMetric
+    from flow_judge.metrics import CustomMetric, RubricItem
 
-    return CustomMetric(name=metric.name + REFERENCE_FREE_SUFFIX, criteria=metric.criteria,
-                        rubric=list(metric.rubric), required_inputs=["query"],
-                        required_output=metric.required_output)
-
-
-def eval_input(metric: Metric, inputs: dict[str, str], answer: str) -> EvalInput:
-    """flow-judge's input for one answer: the metric's required inputs in its order, the answer as its output.
-
-    Exactly the metric's inputs: an extra one (a reference offered to the reference-free metric) is a
-    caller's mistake and is refused rather than silently dropped.
-    """
-    from flow_judge import EvalInput
-
-    required = list(metric.required_inputs or [])
-    if sorted(inputs) != sorted(required):
-        raise OrpolabError(f"metric {metric.name} takes the inputs {required}, got {sorted(inputs)}")
-    return EvalInput(inputs=[{k: inputs[k]} for k in required],
-                     output={metric.required_output: answer})
+    scale = tuple(sorted(r.score for r in metric.rubric))
+    if scale not in REFERENCE_FREE_RUBRICS:
+        raise OrpolabError(f"metric {metric.name}: no reference-free rubric for the scale {list(scale)}")
+    rubric = [RubricItem(score=score, description=text)
+              for score, text in zip(scale, REFERENCE_FREE_RUBRICS[scale], strict=True)]
+    return CustomMetric(name=metric.name + REFERENCE_FREE_SUFFIX, criteria=REFERENCE_FREE_CRITERIA, rubric=rubric,
+                        required_inputs=["query"], required_output=metric.required_output)
 
 
 def metric_prompt(metric: Metric, inputs: dict[str, str], answer: str) -> str:
@@ -167,21 +178,6 @@ class Item:
         is judged once, whichever calibration set it is part of."""
         blob = json.dumps([self.metric.name, self.inputs, self.answer], ensure_ascii=False, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def metric_inputs(metric: Metric, query: str, reference: str | None) -> dict[str, str]:
-    """The metric's inputs: the query, and the reference for the inputs that take one."""
-    out: dict[str, str] = {}
-    for name in metric.required_inputs or []:
-        if name == "query":
-            out[name] = query
-        elif name in REFERENCE_INPUTS:
-            if reference is None:
-                raise OrpolabError(f"metric {metric.name} needs a reference ({name}) that this set has none of")
-            out[name] = reference
-        else:
-            raise OrpolabError(f"metric {metric.name} needs the input {name!r}, which calibration cannot fill")
-    return out
 
 
 def calibration_set(metric: Metric, pairs: Iterable[dict], checkable: Iterable[dict], checker: Any,
@@ -394,28 +390,17 @@ class FlowJudgeScorer:
     def many(self, requests: list[tuple[Metric, dict[str, str], str]]) -> Iterator[tuple[int, int | None]]:
         """(index, score) for every (metric, inputs, answer), each as soon as its verdict is written.
 
-        A backend with ``verdicts`` (``LlamaCppFlowJudge``: several per llama.cpp batch) gets all of a
-        metric's prompts at once; flow-judge formats the prompts and parses the verdicts as in
-        ``evaluate``. Other backends judge one at a time.
+        Judged through :func:`orpolab.evaluate.judge.judge_many`, as the verdict stage judges: several per
+        llama.cpp batch where the backend can, one at a time otherwise.
         """
-        from flow_judge import EvalOutput
-
         by_metric: dict[str, list[int]] = {}
         for i, (metric, _, _) in enumerate(requests):
             by_metric.setdefault(metric.name, []).append(i)
         for indices in by_metric.values():
             metric = requests[indices[0]][0]
-            judge = self._judge(metric)
-            stream = getattr(judge.model, "verdicts", None)
-            if stream is None:
-                for i in indices:
-                    yield i, self(*requests[i])
-                continue
             inputs = [eval_input(metric, requests[i][1], requests[i][2]) for i in indices]
-            for one in inputs:
-                judge._validate_inputs(one)
-            for k, raw in stream([judge._format_prompt(one) for one in inputs]):
-                yield indices[k], self._on_scale(metric, EvalOutput.parse(raw).score)
+            for k, verdict in judge_many(self._judge(metric), inputs):
+                yield indices[k], self._on_scale(metric, verdict.score)
 
     def close(self) -> None:
         """Close the backends that were opened (a llama.cpp model holds GBs of memory)."""

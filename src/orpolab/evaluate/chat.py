@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from orpolab.core import console
+from orpolab.core.llama_runtime import open_gguf
 from orpolab.core.machine import available_cores
-from orpolab.export.llamacpp import open_gguf
 
 
 def conversation_tokens(llm, messages: list[dict]) -> int:

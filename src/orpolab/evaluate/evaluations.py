@@ -4,7 +4,8 @@ An evaluation's id is a short hash of its settings (the ``evaluation`` and ``eva
 interpolations unresolved, so ``${paths.cache_dir}/judge.gguf`` names the same judge on any machine);
 its answers, verdicts and scores go to ``<sweep>/evaluation/<id>/`` with the settings beside them
 (``settings.yaml``), and its report to ``<report root>/<sweep id>/<id>/``. Settings that do not change
-a result (whether the stage is enabled, where the calibration cache lives, generation threads) are
+a result (whether the stage is enabled, where the calibration cache and the stores live, whether
+stored work is reused, generation threads) are
 left out of the id. Every report lists the sweep's evaluations (judge, prompt set, headline figures)
 between two markers; writing one report rewrites that list in the reports of the others, so a
 stand-in run and a real-judge run name each other.
@@ -23,7 +24,7 @@ from orpolab.core.stage_config import plain
 
 # Settings that leave every answer, verdict and score as it is.
 NOT_IDENTITY = (("evaluation", "enabled"), ("evaluation", "judge", "calibration_cache"),
-                ("evaluation", "generation", "threads"))
+                ("evaluation", "generation", "threads"), ("evaluation", "reuse"), ("evaluation", "store_dir"))
 BEGIN, END = "<!-- evaluations of this sweep -->", "<!-- /evaluations of this sweep -->"
 
 

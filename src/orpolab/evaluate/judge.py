@@ -11,18 +11,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flow_judge.models.common import BaseFlowJudgeModel
 from tqdm.auto import tqdm
 
 from orpolab.core.errors import OrpolabError
+from orpolab.core.llama_runtime import check_gguf, open_gguf
 from orpolab.core.validate import judge_metric_names
 from orpolab.evaluate.batched import TOKENIZER_CTX
-from orpolab.export.llamacpp import check_gguf, open_gguf
+
+if TYPE_CHECKING:
+    from flow_judge import EvalInput, EvalOutput, FlowJudge
+    from flow_judge.metrics import Metric
 
 # Upper bound on the tokens of "<feedback>", "</feedback>\n<score>", the score and "</score>".
 TAG_TOKENS = 64
+# The inputs a metric may name that are filled with the reference (correctness and faithfulness presets).
+REFERENCE_INPUTS = ("reference_answer", "context")
 
 
 def verdict_grammar(scores: list[int], max_feedback_chars: int = 600) -> str:
@@ -49,6 +55,56 @@ def metric_by_name(name: str):
     if name not in presets:
         raise OrpolabError(f"unknown judge metric {name!r}; available: {', '.join(presets)}")
     return getattr(metrics, name)
+
+
+def metric_inputs(metric: Metric, query: str, reference: str | None) -> dict[str, str]:
+    """The metric's inputs: the query, and the reference for the inputs that take one."""
+    out: dict[str, str] = {}
+    for name in metric.required_inputs or []:
+        if name == "query":
+            out[name] = query
+        elif name in REFERENCE_INPUTS:
+            if reference is None:
+                raise OrpolabError(f"metric {metric.name} needs a reference ({name}) that this set has none of")
+            out[name] = reference
+        else:
+            raise OrpolabError(f"metric {metric.name} needs the input {name!r}, which orpolab cannot fill")
+    return out
+
+
+def eval_input(metric: Metric, inputs: dict[str, str], answer: str) -> EvalInput:
+    """flow-judge's input for one answer: the metric's required inputs in its order, the answer as its output.
+
+    Exactly the metric's inputs: an extra one (a reference offered to the reference-free metric) is a
+    caller's mistake and is refused rather than silently dropped.
+    """
+    from flow_judge import EvalInput
+
+    required = list(metric.required_inputs or [])
+    if sorted(inputs) != sorted(required):
+        raise OrpolabError(f"metric {metric.name} takes the inputs {required}, got {sorted(inputs)}")
+    return EvalInput(inputs=[{k: inputs[k]} for k in required], output={metric.required_output: answer})
+
+
+def judge_many(judge: FlowJudge, inputs: list[EvalInput]) -> Iterator[tuple[int, EvalOutput]]:
+    """(index, parsed verdict) for every input, each as soon as its verdict is written (any order).
+
+    flow-judge checks the inputs and formats the prompts exactly as its ``evaluate`` does; a backend
+    with ``verdicts`` (:class:`LlamaCppFlowJudge`: several per llama.cpp batch) then gets them all at
+    once, any other backend is asked one at a time. Both the verdict stage and the calibration judge
+    through here, so a verdict means the same in both.
+    """
+    from flow_judge import EvalOutput
+
+    stream = getattr(judge.model, "verdicts", None)
+    if stream is None:
+        for i, one in enumerate(inputs):
+            yield i, judge.evaluate(one)
+        return
+    for one in inputs:
+        judge._validate_inputs(one)  # flow-judge's own check and prompt, not a copy of them
+    for i, raw in stream([judge._format_prompt(one) for one in inputs]):
+        yield i, EvalOutput.parse(raw)
 
 
 def resolve_judge_file(path: str | None, repo_id: str | None, filename: str | None) -> Path:
@@ -79,13 +135,13 @@ class LlamaCppFlowJudge(BaseFlowJudgeModel):
 
     def __init__(self, gguf: Path, scores: list[int], max_tokens: int = 400, max_feedback_chars: int = 600,
                  n_ctx: int = 4096, threads: int | None = None, name: str | None = None, parallel: int = 1,
-                 kv_unified: bool = False):
+                 kv_unified: bool = False, n_gpu_layers: int = 0):
         # Enough tokens for the longest verdict the grammar allows, so none is cut off.
         max_tokens = max(max_tokens, max_feedback_chars + TAG_TOKENS)
         super().__init__(model_id=name or gguf.name, model_type="llama_cpp",
                          generation_params={"temperature": 0.0, "max_tokens": max_tokens})
         # The model's own context only formats and tokenizes: the verdicts are decoded in the decoder's.
-        self.llm = open_gguf(gguf, TOKENIZER_CTX, threads)
+        self.llm = open_gguf(gguf, TOKENIZER_CTX, threads, n_gpu_layers=n_gpu_layers)
         self.grammar = verdict_grammar(scores, max_feedback_chars)
         self.max_tokens, self.n_ctx, self.parallel, self.kv_unified = max_tokens, n_ctx, parallel, kv_unified
         self._decoder = None

@@ -1,6 +1,6 @@
 """The final report: sweep table, training curves, export checks, judge and objective scores.
 
-It writes what it is given (:class:`ReportInputs`, gathered by :mod:`orpolab.evaluate.pipeline`
+It writes what it is given (:class:`ReportInputs`, gathered by :mod:`orpolab.evaluate.stages.report`
 from MLflow and the files the earlier stages wrote), so the report can be rebuilt at any time
 (``python -m orpolab.evaluate <sweep> --stage report``) and is tested without a sweep.
 """
@@ -16,9 +16,20 @@ from pathlib import Path
 
 import matplotlib
 
-from orpolab.core import console
 from orpolab.evaluate import search_report
-from orpolab.evaluate.stats import figure_text
+from orpolab.evaluate.report_results import (
+    data_section,
+    diff_cell,
+    figure_name,
+    headline,
+    interval_cell,
+    judge_section,
+    length_section,
+    quant_section,
+    reuse_line,
+    short_cell,
+    warnings,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -27,21 +38,6 @@ CURVES = ("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train
           "train/rewards/accuracies")
 SWEEP_PARAMS = ("model.name_or_path", "method.name", "method.beta", "optim.lr", "seed")
 COLORS = ["#999999", "#2b7bba", "#e08a2c", "#4a9e5c", "#b55d9e", "#8c6d4f"]
-
-
-def _interval(entry: dict | None) -> str:
-    if not entry:
-        return "-"
-    return f"{entry['mean']:.3f} [{entry['ci_low']:.2f}, {entry['ci_high']:.2f}]"
-
-
-def _diff(p: dict) -> str:
-    return f"{p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]" if "mean_diff" in p else "-"
-
-
-def _short(text: str, n: int = 80) -> str:
-    text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 @dataclass
@@ -70,6 +66,9 @@ class ReportInputs:
     evaluation_id: str = ""
     notes: list[str] = field(default_factory=list)
     evaluations: list[str] = field(default_factory=list)
+    # The project folder the sweep ran in: data paths under it are shown relative to it, so a report
+    # read on another machine names no folder of this one.
+    project_root: Path | None = None
 
     @property
     def trained(self) -> tuple[str, ...]:
@@ -138,13 +137,8 @@ def seed_spread(rows: list[dict]) -> list[str]:
     return lines
 
 
-FIGURE_NAMES = {"value_right": "value right", "exact": "exact (value right, ended, no repetition)"}
 HELD_OUT = (("val/chosen_bpb", "held-out chosen bits/byte", "{:.4f}"),
             ("val/pref_accuracy", "held-out preference accuracy", "{:.3f}"))
-
-
-def figure_name(fig: str) -> str:
-    return FIGURE_NAMES.get(fig, fig.replace("_", " "))
 
 
 def held_out_cell(job: dict, key: str, fmt: str) -> str:
@@ -157,51 +151,6 @@ def held_out_cell(job: dict, key: str, fmt: str) -> str:
     if last is not None and fmt.format(last) != text:
         text += f" (last: {fmt.format(last)})"
     return text
-
-
-def judge_trust(results: dict) -> tuple[str, bool]:
-    """(a sentence on how far the judge's scores can be trusted, whether they are uninformative)."""
-    cal = results.get("calibration")
-    if cal is None:
-        return ("**The judge's calibration has not run** (`python -m orpolab.evaluate <sweep> --stage calibrate`): "
-                "its scores carry no measured reliability.", False)
-    if not cal.get("enabled"):
-        return ("**The judge is unmeasured** (calibration off: evaluation.judge.calibration_size=0): its scores "
-                "carry no measured reliability.", False)
-    sentences, uninformative = [], False
-    for name, c in (cal.get("metrics") or {}).items():
-        parts = []
-        if c.get("pairwise"):
-            parts.append(f"P(chosen scored higher) + ½·P(tie) = {figure_text(c['pairwise'])} on "
-                         f"{c['pairwise'].get('n', 0)} test-split pairs (chance 0.5; ties "
-                         f"{c['pairwise'].get('p_tie', 0):.0%})")
-        if c.get("auc"):
-            parts.append(f"AUC against checked correctness {figure_text(c['auc'])} on {c['auc'].get('n', 0)} "
-                         "answers built right and wrong")
-        bad = c.get("verdict") in ("no better than chance", "unmeasured")
-        uninformative |= bad
-        sentences.append(f"{name}: " + "; ".join(parts) + (
-            f" — **{c.get('verdict')}: its scores below are uninformative.**" if bad else "."))
-    return "Judge calibration (95% intervals): " + " ".join(sentences), uninformative
-
-
-def warnings(results: dict) -> list[str]:
-    """What the reader must know before any figure: stand-in judge, an unreliable judge, self-preference, leaks."""
-    lines = []
-    trust, _ = judge_trust(results)
-    lines.append(trust)
-    if results.get("stand_in"):
-        lines.append("**Stand-in judge**: a small local model stands in for Flow Judge (offline); its scores are not "
-                     "Flow Judge's.")
-    sp = results.get("self_preference") or {}
-    if sp.get("same"):
-        lines.append(f"**Self-preference warning**: the judge and the evaluated models are of the same family "
-                     f"(`{sp['model_family']}`); judges tend to favour text of their own lineage.")
-    ev = (results.get("splits") or {}).get("evaluation_prompts") or {}
-    if ev.get("in_train") or ev.get("in_validation"):
-        lines.append(f"**Leak**: {ev.get('in_train', 0)} evaluation prompts also appear in the training data and "
-                     f"{ev.get('in_validation', 0)} in the validation data (identical prompts).")
-    return lines
 
 
 def method_comparison(r: ReportInputs) -> list[str]:
@@ -227,143 +176,16 @@ def method_comparison(r: ReportInputs) -> list[str]:
             cells = [model, e.get("method", "orpo"), str(e["job"]), f"{e.get('metric', '')} = {e['value']:.4f}",
                      *(held_out_cell(job, key, fmt) for key, _, fmt in HELD_OUT)]
         for entry in results["metrics"].values():
-            vs = "" if model == "base" else f" ({_diff(entry['paired'][model])})"
-            cells.append(_interval(entry.get(model)) + vs)
+            vs = "" if model == "base" else f" ({diff_cell(entry['paired'][model])})"
+            cells.append(interval_cell(entry.get(model)) + vs)
         for f in figures:
-            vs = "" if model == "base" else f" ({_diff(results['checks_paired'][f][model])})"
-            cells.append(_interval(results["models"][model].get("checks", {}).get(f)) + vs)
+            vs = "" if model == "base" else f" ({diff_cell(results['checks_paired'][f][model])})"
+            cells.append(interval_cell(results["models"][model].get("checks", {}).get(f)) + vs)
         md.append("| " + " | ".join(cells) + " |")
     md += ["", "Held-out metrics are those of the exported (best) checkpoint, on the validation split; the job's "
            "last evaluation is shown beside where it differs. Intervals are 95% bootstrap intervals, differences "
            "are paired on the same prompts.", ""]
     return md
-
-
-def headline(results: dict, export: dict) -> list[str]:
-    """The result in a few lines: each trained model against its base, with 95% intervals.
-
-    What the sweep was for, read from ``results.json`` (the score stage) and ``export.json``; the
-    console ends with it and the report opens with it.
-    """
-    exported = export.get("winners") or {"winner": export["winner"]}
-    trained = results.get("trained") or [m for m in results.get("models_order") or ["base", *exported]
-                                         if m != "base"]
-    _, uninformative = judge_trust(results)
-    lines = []
-    for m in trained:
-        e = exported.get(m, {})
-        lines.append(f"Result: {m} = job {e.get('job', '?')} ({console.brief_overrides(e.get('overrides', ''))}), "
-                     f"{e.get('metric', '')} {e.get('value', float('nan')):.4f}; against its base on "
-                     f"{results['prompts']} prompts ({results['quant']} GGUFs), 95% intervals:")
-        for f in results.get("checks") or []:
-            base_f = results["models"]["base"].get("checks", {}).get(f)
-            mine = results["models"][m].get("checks", {}).get(f)
-            paired = results.get("checks_paired", {}).get(f, {}).get(m, {})
-            if base_f and mine:
-                lines.append(f"  {figure_name(f).split(' (')[0]:<13}  base {_interval(base_f)}  {m} {_interval(mine)}  "
-                             f"paired difference {_diff(paired)}")
-        for name, entry in results["metrics"].items():
-            p = entry["paired"].get(m, {})
-            note = ("  (stand-in judge)" if results.get("stand_in") else "") + (
-                "  (judge no better than chance: uninformative)" if uninformative else "")
-            label = name.removeprefix("RESPONSE_").lower().replace("_", ", ")
-            judged = results.get("judged_prompts", results["prompts"])
-            if judged < results["prompts"]:
-                label += f"; first {judged} prompts"
-            lines.append(f"  judge ({label})  base {_interval(entry.get('base'))}  "
-                         f"{m} {_interval(entry.get(m))}  paired difference {_diff(p)}, "
-                         f"wins/ties/losses {p.get('wins', 0)}/{p.get('ties', 0)}/{p.get('losses', 0)}{note}")
-        ends = {k: results["models"][k]["ended_by_eos"] for k in ("base", m)}
-        lines.append(f"  answers that end by themselves  base {ends['base']:.0%}  {m} {ends[m]:.0%}")
-    return lines
-
-
-def data_section(results: dict) -> list[str]:
-    """Which split each figure comes from, with its size."""
-    s = results.get("splits")
-    if not s:
-        return []
-    md = ["## Data", "", "| split | rows | source | used for |", "|---|---|---|---|"]
-    for name in ("train", "validation", "test"):
-        md.append(f"| {name} | {s[name]['rows']} | {_short(s[name]['source'], 90)} | {s[name]['used_for']} |")
-    ev = s["evaluation_prompts"]
-    md += ["", f"Evaluation prompts: {ev['n']} from {ev['source']} ({ev['kind']}); identical prompts found in "
-           f"training: {ev['in_train']}, in validation: {ev['in_validation']}. The answers, the judge's scores and "
-           "every comparison below are on these prompts; held-out bits/byte and preference accuracy are on the "
-           "validation split, which also selected the checkpoints and the winner.", ""]
-    return md
-
-
-def judge_section(results: dict) -> list[str]:
-    """The judge's identity and calibration."""
-    md = ["## Judge", "", f"{results['judge']}.", ""]
-    for name, ident in (results.get("judge_identity") or {}).items():
-        md.append(f"- {name}: file `{ident['file']}` (sha256 {ident['sha256']}), quantization {ident['quant']}, "
-                  f"family `{ident.get('family')}`; grammar {ident['grammar']} (sha256 {ident['grammar_sha256']}); "
-                  f"sampling {json.dumps(ident['sampling'])}; prompt template sha256 "
-                  f"{ident['prompt_template_sha256']}.")
-    trust, _ = judge_trust(results)
-    md += ["", trust, "",
-           "Calibration never grades an answer against itself: preference pairs are scored with a reference-free "
-           "variant of the metric (the same rubric, only the question), checked answers against the correct value.",
-           ""]
-    return md
-
-
-def length_section(results: dict, models: tuple[str, ...], trained: tuple[str, ...]) -> list[str]:
-    md = ["## How the answers end, and their length", "",
-          "| model | ended by itself | hit the token budget | mean tokens | repeated 3-grams | skipped |",
-          "|---|---|---|---|---|---|"]
-    budget = results.get("generation", {}).get("max_tokens")
-    for m in models:
-        s = results["models"][m]
-        md.append(f"| {m} | {s['ended_by_eos']:.0%} | {s.get('hit_budget', '-')} of {s['answered']} | "
-                  f"{s['mean_tokens']:.1f} | {s['mean_repeated_3gram_fraction']:.3f} | {s['skipped']} |")
-    md += ["", f"Token budget: {budget} tokens per answer.", "",
-           "Length sensitivity (a sensitivity figure, not AlpacaEval's length-controlled win rate): per prompt, "
-           "the judge-score difference (model - base) regressed by least squares on the answer-length difference "
-           "in tokens; the intercept is the difference at equal length, the slope what each extra token is worth "
-           "to the judge (95% paired-bootstrap intervals).", ""]
-    for name, entry in results["metrics"].items():
-        for m in trained:
-            reg = (entry.get("length") or {}).get(m) or {}
-            if "slope" not in reg:
-                md.append(f"- {name}, {m}: not computed ({reg.get('undefined', 'no scored pairs')}).")
-                continue
-            md.append(f"- {name}, {m}: intercept {figure_text(reg, 'intercept')}, slope "
-                      f"{figure_text(reg, 'slope', 4)} per token; n = {reg['n']}, length differences from "
-                      f"{reg['length_diff_min']:+.0f} to {reg['length_diff_max']:+.0f} tokens (central 90%: "
-                      f"{reg['length_diff_p5']:+.0f} to {reg['length_diff_p95']:+.0f}).")
-            if reg.get("zero_outside_central_90"):
-                md.append("  **Warning**: equal length lies outside the central 90% of the length differences, so the "
-                          "intercept extrapolates; do not read it as the difference at equal length.")
-    return md + [""]
-
-
-def quant_section(results: dict) -> list[str]:
-    qc = results.get("quant_costs")
-    if not qc:
-        return []
-    ref = qc["reference"]
-    figures = results.get("checks") or []
-    metrics = list(results["metrics"])
-    md = ["## What quantization costs", "",
-          f"The winner answered and judged at each quantization, on the same prompts; differences are paired "
-          f"against {ref} (95% bootstrap intervals).", "",
-          "| quantization | " + " | ".join(f"{figure_name(f).split(' (')[0]} (vs {ref})" for f in figures)
-          + "".join(f" | judge {n} (vs {ref})" for n in metrics) + " |",
-          "|---|" + "---|" * (len(figures) + len(metrics))]
-    for q, row in qc["rows"].items():
-        cells = [q]
-        for f in figures:
-            vs = row.get(f"{f}_vs_{ref}")
-            cells.append(("-" if f not in row else f"{row[f]:.3f}") + (f" ({_diff(vs)})" if vs else ""))
-        for n in metrics:
-            vs = row.get(f"judge_{n}_vs_{ref}")
-            value = row.get(f"judge_{n}")
-            cells.append(("-" if value is None else f"{value:.3f}") + (f" ({_diff(vs)})" if vs else ""))
-        md.append("| " + " | ".join(cells) + " |")
-    return md + [""]
 
 
 def write_report(r: ReportInputs, report_dir: Path) -> Path:
@@ -374,15 +196,16 @@ def write_report(r: ReportInputs, report_dir: Path) -> Path:
     plot_scores(results, models, report_dir / "scores.png")
     title = f"{r.sweep.name}, evaluation {r.evaluation_id}" if r.evaluation_id else r.sweep.name
     md = [f"# orpolab report: {title}", "",
-          f"Sweep folder `{r.sweep}`; MLflow parent run `{r.parent_run_id}`.", "",
+          f"Sweep folder `{os.path.relpath(r.sweep, report_dir)}` (from this report's folder); MLflow parent run "
+          f"`{r.parent_run_id}`.", "",
           *[f"{n}\n" for n in r.notes],
           *[f"{w}\n" for w in warnings(results)],
           "```", *headline(results, r.export), "```",
           "", *r.evaluations, "", f"Answers: {results['quant']} GGUFs of {', '.join(m for m in models if '@' not in m)}"
           + "".join(f", {m} at {m.partition('@')[2]}" for m in models if "@" in m) + " on the CPU, generation settings "
           f"`{json.dumps(results['generation'])}`; {results['prompts']} prompts, the judge scored the first "
-          f"{results.get('judged_prompts', results['prompts'])}.", "",
-          *data_section(results),
+          f"{results.get('judged_prompts', results['prompts'])}.", "", *reuse_line(results),
+          *data_section(results, r.project_root),
           "## Sweep", "", f"Selection metric: `{rows[0]['metric'] if rows else ''}` on the validation split (exported "
           "jobs are marked" + ("; one per method" if len(r.exported) > 1 else "") + ").", "",
           "| job | method | model | beta | lr | seed | status | selection value | "
@@ -416,16 +239,16 @@ def write_report(r: ReportInputs, report_dir: Path) -> Path:
     for name, e in results["metrics"].items():
         for m in trained:
             p = e["paired"][m]
-            md.append(f"| {name} | {m} | {_interval(e.get(m))} | {_interval(e.get('base'))} | {_diff(p)} "
+            md.append(f"| {name} | {m} | {interval_cell(e.get(m))} | {interval_cell(e.get('base'))} | {diff_cell(p)} "
                       f"| {p['wins']} / {p['ties']} / {p['losses']} | {e['parse_failures']} |")
     for f in results.get("checks") or []:
         values = {m: results["models"][m].get("checks", {}).get(f) for m in models}
         md += ["", f"Checked by a program, **{figure_name(f)}**: " + ", ".join(
-            f"{m} {_interval(a)}" for m, a in values.items() if a) + "."]
+            f"{m} {interval_cell(a)}" for m, a in values.items() if a) + "."]
         for m, p in results.get("checks_paired", {}).get(f, {}).items():
             if "mean_diff" in p:
-                md.append(f"- Paired on the same prompts, {m} - base: {_diff(p)} (95% bootstrap); {m} right and base "
-                          f"wrong on {p['wins']} prompts, the reverse on {p['losses']}.")
+                md.append(f"- Paired on the same prompts, {m} - base: {diff_cell(p)} (95% bootstrap); {m} right and "
+                          f"base wrong on {p['wins']} prompts, the reverse on {p['losses']}.")
     md += ["", *quant_section(results), *length_section(results, models, trained),
            "## Per prompt", "", *per_prompt_table(r)]
     out = report_dir / "report.md"
@@ -453,11 +276,11 @@ def per_prompt_table(r: ReportInputs) -> list[str]:
             check = r.checked.get(m, {}).get(prompt["id"])
             correct = check.get(last) if check and last else None
             mark = "" if correct is None else (" ✓" if correct else " ✗")
-            cells.append(f"{_short(answer, 60)} ({score}){mark}")
+            cells.append(f"{short_cell(answer, 60)} ({score}){mark}")
             if score is not None and score >= 0:
                 ranked[m] = (bool(correct), score)
         top = max(ranked.values()) if ranked else None
         best = [m for m, v in ranked.items() if v == top]
         best_text = "-" if not best or len(best) == len(models) else ", ".join(best)
-        md.append(f"| {_short(prompt['prompt'], 60)} | " + " | ".join(cells) + f" | {best_text} |")
+        md.append(f"| {short_cell(prompt['prompt'], 60)} | " + " | ".join(cells) + f" | {best_text} |")
     return md

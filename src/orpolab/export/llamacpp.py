@@ -6,8 +6,8 @@
   runtime always come from the same llama.cpp.
 * ``llama_model_quantize`` (the bindings) quantizes a GGUF.
 
-Both print a line per tensor; with :func:`route_logs` those lines, and llama.cpp's model-loader
-log, go to a file (``<sweep>/logs/llama.cpp.log``) instead of the console.
+Both print a line per tensor; with :func:`orpolab.core.llama_runtime.route_logs` those lines, and
+llama.cpp's model-loader log, go to a file (``<sweep>/logs/llama.cpp.log``) instead of the console.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from orpolab.core import console
 from orpolab.core.config import QUANT_TYPES
 from orpolab.core.errors import OrpolabError
+from orpolab.core.llama_runtime import log_file
 from orpolab.core.machine import available_cores
 
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
@@ -34,49 +35,6 @@ VOCAB_FILES = ("models/ggml-vocab-phi-3.gguf", "models/ggml-vocab-llama-bpe.gguf
 CONVERT_TIMEOUT_S = 4 * 3600
 DOWNLOAD_TIMEOUT_S = 900
 SETUP_HINT = "run `make setup` (or `python -m orpolab.export.llamacpp {cache}`) once, with network"
-
-_log_file: Path | None = None
-_log_callback = None  # the ctypes callback must outlive every llama.cpp call that may log through it
-
-
-def route_logs(log_file: Path | None) -> None:
-    """Send llama.cpp's own log (model loader, quantizer, per tensor) to ``log_file``, appended.
-
-    llama.cpp logs through one process-wide callback; llama-cpp-python's default prints to
-    stderr (``None`` puts it back). The converter subprocess and whatever C code writes straight to
-    stderr during a quantization go to the same file. With ``ORPOLAB_VERBOSE=1`` all of it is also
-    shown on stderr.
-    """
-    global _log_file, _log_callback
-    import llama_cpp
-    from llama_cpp import _logger
-
-    if log_file is None:
-        _log_file = None
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-        _log_callback = None
-        return
-    _log_file = Path(log_file)
-    _log_file.parent.mkdir(parents=True, exist_ok=True)
-    sink = open(_log_file, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - lives as long as the callback
-    echo = console.verbose()
-
-    @llama_cpp.llama_log_callback
-    def to_file(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        line = text.decode("utf-8", errors="replace")
-        sink.write(line)
-        sink.flush()
-        if echo:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-
-    _log_callback = to_file
-    llama_cpp.llama_log_set(to_file, ctypes.c_void_p(0))
-
-
-def log_file() -> Path | None:
-    """Where llama.cpp's log goes now (None: the console)."""
-    return _log_file
 
 
 def installed_version() -> str:
@@ -143,7 +101,7 @@ def convert(model_dir: Path, out_file: Path, cache_dir: str | Path, outtype: str
 
     ``name`` becomes the GGUF's ``general.name`` (front ends show it); the converter's default is
     the folder's name. Its output (a line per tensor) goes to the llama.cpp log file when one is
-    set (:func:`route_logs`); a failure or a run past ``timeout`` seconds names the step.
+    set (:func:`orpolab.core.llama_runtime.route_logs`); a failure or a run past ``timeout`` seconds names the step.
     """
     script = converter_dir(cache_dir) / "convert_hf_to_gguf.py"
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -223,39 +181,6 @@ def tensor_types(gguf_file: Path, cache_dir: str | Path) -> dict[str, str]:
 
     reader = GGUFReader(str(gguf_file))
     return {t.name: t.tensor_type.name for t in reader.tensors}
-
-
-def gguf_metadata(gguf_file: Path) -> dict[str, str]:
-    """String metadata of a GGUF as llama-cpp-python reads it (chat template, names, token ids)."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf_file), n_ctx=64, verbose=False, vocab_only=True)
-    try:
-        return dict(llm.metadata)
-    finally:
-        llm.close()
-
-
-def check_gguf(path: Path, what: str = "GGUF file") -> Path:
-    """``path`` if it is an existing GGUF file (by its magic bytes), else a clear error."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise OrpolabError(f"{what} {path} does not exist")
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise OrpolabError(f"{what} {path} is not a GGUF file")
-    return path
-
-
-def open_gguf(path: Path, n_ctx: int, threads: int | None = None, what: str = "GGUF file", **kwargs):
-    """Load a GGUF with llama-cpp-python (all cores unless told), after checking it is one."""
-    from llama_cpp import Llama
-
-    path = check_gguf(path, what)
-    threads = threads or available_cores()
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
-                 **kwargs)
-
 
 
 def write_added_tokens_decoder(folder: Path, tokenizer) -> None:

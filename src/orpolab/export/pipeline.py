@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from orpolab.core import console, records, sweep_layout, tracking
+from orpolab.core import console, llama_runtime, records, sweep_layout, tracking
 from orpolab.core.config import DataConfig, ExportConfig, LoraSettings, ModelConfig, settings
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import inside, relative_to, write_json_atomic
@@ -95,6 +95,55 @@ def gguf_set(src: Path, stem: str, out_dir: Path, quants: list[str], cache_dir: 
     return files
 
 
+def export_winner(label: str, w, job_cfg, model_cfg: ModelConfig, export_cfg: ExportConfig, sweep: Path,
+                  cache_dir: str, held_out: tuple[list[str], list[str]] | None
+                  ) -> tuple[dict, list[dict], tuple[list[str], list[str]]]:
+    """One exported model: the adapter merged, its GGUFs, each verified against the merged model.
+
+    Returns its entry of ``export.json`` (paths relative to the sweep folder, which can move), its
+    verification rows, and the held-out texts they were verified on (read once, shared by all winners).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = sweep / "export"
+    suffix = "" if label == "winner" else f"-{label}"
+    model_name = Path(model_cfg.name_or_path).name
+    lora_cfg = settings(LoraSettings, job_cfg.lora, "lora")
+    fallback = settings(DataConfig, job_cfg.data, "data").fallback_chat_template
+    print(f"  {label}: merging the adapter into {model_name} ...", flush=True)
+    merged_dir = merge(model_cfg, lora_cfg, w.best_checkpoint, out / f"merged{suffix}",
+                       adapter_dir=out / f"adapter{suffix}", headroom=export_cfg.memory_headroom,
+                       fallback_chat_template=fallback)
+    title = "winner" if label == "winner" else f"{label} winner"
+    files = gguf_set(merged_dir, label, out / "gguf", export_cfg.quant_types, cache_dir,
+                     f"{model_name} orpolab {title} (job {w.job_num})")
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    texts, prompt_texts = held_out or held_out_texts(job_cfg, tokenizer, export_cfg.verify.num_texts)
+    hf_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="float32").eval()
+    checks = [{"model": label, **verify_gguf(hf_model, tokenizer, path, texts, q, export_cfg.verify,
+                                             prompt_texts=prompt_texts)} for q, path in files.items()]
+    del hf_model
+    entry = {
+        "run_id": w.run_id, "job": w.job_num, "overrides": w.overrides, "method": w.method,
+        "metric": w.metric, "mode": w.mode, "value": w.value,
+        "best_checkpoint": relative_to(w.best_checkpoint, sweep), "job_dir": relative_to(w.output_dir, sweep),
+        "model": model_cfg.name_or_path, "merged_model": relative_to(merged_dir, sweep),
+        "adapter": relative_to(out / f"adapter{suffix}", sweep),
+        "gguf": {k: relative_to(v, sweep) for k, v in files.items()},
+    }
+    return entry, checks, (texts, prompt_texts)
+
+
+def set_aside_failed(checks: list[dict], sweep: Path) -> None:
+    """Rename every GGUF that failed verification (a GGUF that is not the trained model must not look like
+    one), and record the checks' paths relative to the sweep folder."""
+    for check in checks:
+        if not check["passed"]:
+            bad = Path(check["gguf"])
+            os.replace(bad, bad.with_suffix(".failed-verification.gguf"))
+        check["gguf"] = relative_to(check["gguf"], sweep)
+
+
 def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = None, parent_run_id: str | None = None,
                  export_cfg: ExportConfig | None = None) -> dict:
     """The whole export; returns the summary also written to ``<sweep>/export/export.json``.
@@ -110,7 +159,8 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
     if done is not None:
         print(f"  export: up to date for these winners and settings ({sweep / 'export' / 'export.json'})", flush=True)
         return done
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # only when there is work
+    from transformers import AutoConfig  # only when there is work
+
     job_cfgs = {label: OmegaConf.load(Path(w.output_dir) / ".hydra" / "config.yaml") for label, w in winners.items()}
     first = next(iter(winners))
     job_cfg = job_cfgs[first]
@@ -122,7 +172,6 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
             f"different models ({models}); sweep the methods on one model at a time"
         )
     out = sweep / "export"
-    gguf_dir = out / "gguf"
     cache_dir = str(Path(job_cfg.paths.cache_dir))
     llamacpp.converter_dir(cache_dir, fetch=False)  # before any work: the converter is set up, or say how
     for label, w in winners.items():
@@ -138,49 +187,19 @@ def export_sweep(tracking_uri: str, experiment: str, sweep_dir: str | None = Non
     model_name = Path(model_cfg.name_or_path).name
     exported: dict[str, dict] = {}
     checks: list[dict] = []
-    texts = prompt_texts = None
+    held_out: tuple[list[str], list[str]] | None = None
     for label, w in winners.items():
-        suffix = "" if label == "winner" else f"-{label}"
-        lora_cfg = settings(LoraSettings, job_cfgs[label].lora, "lora")
-        fallback = settings(DataConfig, job_cfgs[label].data, "data").fallback_chat_template
-        print(f"  {label}: merging the adapter into {model_name} ...", flush=True)
-        merged_dir = merge(model_cfg, lora_cfg, w.best_checkpoint, out / f"merged{suffix}",
-                           adapter_dir=out / f"adapter{suffix}", headroom=export_cfg.memory_headroom,
-                           fallback_chat_template=fallback)
-        title = "winner" if label == "winner" else f"{label} winner"
-        files = gguf_set(merged_dir, label, gguf_dir, export_cfg.quant_types, cache_dir,
-                         f"{model_name} orpolab {title} (job {w.job_num})")
-        tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-        if texts is None:
-            texts, prompt_texts = held_out_texts(job_cfg, tokenizer, export_cfg.verify.num_texts)
-        hf_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="float32").eval()
-        checks += [{"model": label, **verify_gguf(hf_model, tokenizer, path, texts, q, export_cfg.verify,
-                                                  prompt_texts=prompt_texts)} for q, path in files.items()]
-        del hf_model
-        # Paths relative to the sweep folder (files.inside reads them back): the folder can move.
-        exported[label] = {
-            "run_id": w.run_id, "job": w.job_num, "overrides": w.overrides, "method": w.method,
-            "metric": w.metric, "mode": w.mode, "value": w.value,
-            "best_checkpoint": relative_to(w.best_checkpoint, sweep), "job_dir": relative_to(w.output_dir, sweep),
-            "model": model_cfg.name_or_path, "merged_model": relative_to(merged_dir, sweep),
-            "adapter": relative_to(out / f"adapter{suffix}", sweep),
-            "gguf": {k: relative_to(v, sweep) for k, v in files.items()},
-        }
+        exported[label], verified, held_out = export_winner(label, w, job_cfgs[label], model_cfg, export_cfg, sweep,
+                                                           cache_dir, held_out)
+        checks += verified
     base_files = {}
     if export_cfg.include_base:
         # A base without a chat template of its own gets the one its trained model was given (the fallback).
         fallback = settings(DataConfig, job_cfg.data, "data").fallback_chat_template
         base_dir = with_chat_template(model_cfg, base_model_dir(model_cfg), fallback, out / "base-with-template")
-        base_files = gguf_set(base_dir, "base", gguf_dir, export_cfg.quant_types, cache_dir, f"{model_name} base")
+        base_files = gguf_set(base_dir, "base", out / "gguf", export_cfg.quant_types, cache_dir, f"{model_name} base")
     passed = all(c["passed"] for c in checks)
-    if not passed:
-        # A GGUF that is not the trained model must not look like one.
-        for check in checks:
-            if not check["passed"]:
-                bad = Path(check["gguf"])
-                os.replace(bad, bad.with_suffix(".failed-verification.gguf"))
-    for check in checks:
-        check["gguf"] = relative_to(check["gguf"], sweep)
+    set_aside_failed(checks, sweep)
     summary = {
         "parent_run_id": parent.run_id, "passed": passed,
         "winners": exported,
@@ -298,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclasses.replace(cfg, include_base=False)
         logs = sweep / "logs"
         console.log_to(logs / "export.log")  # libraries' logs; the console keeps orpolab's lines
-        llamacpp.route_logs(logs / "llama.cpp.log")
+        llama_runtime.route_logs(logs / "llama.cpp.log")
         export_sweep(uri, args.experiment, args.sweep_dir, args.run_id, cfg)
 
     return console.run_cli(export, args.debug)

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from orpolab.core.config import VerifyConfig
+from orpolab.core.llama_runtime import open_gguf
 
 
 def hf_token_stats(model, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -47,14 +48,11 @@ def verify_gguf(hf_model, tokenizer, gguf_file: Path, texts: list[str], quant: s
     answer tokens only, the part the model was trained to predict; token ids are compared on
     the whole text either way.
     """
-    from llama_cpp import Llama
-
     hf_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     starts = [max(0, len(tokenizer(p, add_special_tokens=False)["input_ids"]) - 1) for p in prompt_texts] \
         if prompt_texts else [0] * len(texts)
     n_ctx = max(len(i) for i in hf_ids) + 8
-    llm = Llama(model_path=str(gguf_file), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=threads,
-                n_batch=n_ctx)
+    llm = open_gguf(gguf_file, n_ctx, threads, logits_all=True, n_batch=n_ctx)
     try:
         mismatched = []
         for text, ids in zip(texts, hf_ids, strict=True):
