@@ -487,6 +487,10 @@ class Evaluation:
             for v in read_jsonl(self.out / f"verdicts-{first_metric}.jsonl"):
                 scores.setdefault(v["model"], {})[v["id"]] = v["score"]
         checked = self.checked(prompts, answers)
+        # People's blind ratings (python -m orpolab.evaluate.review), read afresh: new ones need no new judging.
+        from orpolab.evaluate.review.fold import gather
+
+        human = gather(self.out, self.models, scores, int(self.cfg.bootstrap.n_resamples), int(self.cfg.bootstrap.seed))
         run = self.tracking_run()
         jobs = sweep_jobs(self.tracking_uri, self.export) if run is not None else []
         c = tracking.client(self.tracking_uri)
@@ -505,12 +509,16 @@ class Evaluation:
         inputs = ReportInputs(sweep=self.sweep, parent_run_id=self.export["parent_run_id"], export=self.export,
                               results=results, models=self.models, prompts=prompts, jobs=jobs, curves=curves,
                               answers=answers, scores=scores, checked=checked, evaluation_id=self.id, notes=notes,
-                              evaluations=evaluations.section(listed, self.id, sweep_reports))
+                              evaluations=evaluations.section(listed, self.id, sweep_reports), human=human)
         report_dir = sweep_reports / self.id
         out = write_report(inputs, report_dir)
         evaluations.refresh_others(listed, self.id, sweep_reports)
         point_latest(report_root, report_dir)
         if run is not None:
+            if human:
+                from orpolab.evaluate.human import metrics as human_metrics
+
+                run.log_metrics(human_metrics(human))
             for f in (out, report_dir / "training_curves.png", report_dir / "scores.png", results_file,
                       self.out / "settings.yaml", *sorted(report_dir.glob("search_*.png"))):
                 if f.is_file():

@@ -70,6 +70,8 @@ class ReportInputs:
     evaluation_id: str = ""
     notes: list[str] = field(default_factory=list)
     evaluations: list[str] = field(default_factory=list)
+    # People's blind ratings of this evaluation (orpolab.evaluate.review.fold.gather); empty when none.
+    human: dict = field(default_factory=dict)
 
     @property
     def trained(self) -> tuple[str, ...]:
@@ -377,6 +379,7 @@ def write_report(r: ReportInputs, report_dir: Path) -> Path:
           f"Sweep folder `{r.sweep}`; MLflow parent run `{r.parent_run_id}`.", "",
           *[f"{n}\n" for n in r.notes],
           *[f"{w}\n" for w in warnings(results)],
+          *[f"{w}\n" for w in human_warnings(r.human)],
           "```", *headline(results, r.export), "```",
           "", *r.evaluations, "", f"Answers: {results['quant']} GGUFs of {', '.join(m for m in models if '@' not in m)}"
           + "".join(f", {m} at {m.partition('@')[2]}" for m in models if "@" in m) + " on the CPU, generation settings "
@@ -426,7 +429,7 @@ def write_report(r: ReportInputs, report_dir: Path) -> Path:
             if "mean_diff" in p:
                 md.append(f"- Paired on the same prompts, {m} - base: {_diff(p)} (95% bootstrap); {m} right and base "
                           f"wrong on {p['wins']} prompts, the reverse on {p['losses']}.")
-    md += ["", *quant_section(results), *length_section(results, models, trained),
+    md += ["", *human_section(r.human), *quant_section(results), *length_section(results, models, trained),
            "## Per prompt", "", *per_prompt_table(r)]
     out = report_dir / "report.md"
     tmp = report_dir / ".report.md.tmp"
@@ -444,7 +447,8 @@ def per_prompt_table(r: ReportInputs) -> list[str]:
     md = [f"Each cell: the answer, then the judge's {first_metric} score"
           + (f" and ✓ / ✗ for {figure_name(last)}" if last else "")
           + ". **best**: the models with the top judge score (checked answers first, when the prompt has one).", "",
-          "| prompt | " + " | ".join(models) + " | best |", "|---" * (len(models) + 2) + "|"]
+          "| prompt | " + " | ".join(models) + " | best |" + (" human |" if r.human else ""),
+          "|---" * (len(models) + 2 + bool(r.human)) + "|"]
     for prompt in r.prompts:
         cells, ranked = [], {}
         for m in models:
@@ -459,5 +463,91 @@ def per_prompt_table(r: ReportInputs) -> list[str]:
         top = max(ranked.values()) if ranked else None
         best = [m for m, v in ranked.items() if v == top]
         best_text = "-" if not best or len(best) == len(models) else ", ".join(best)
-        md.append(f"| {_short(prompt['prompt'], 60)} | " + " | ".join(cells) + f" | {best_text} |")
+        human = f" {human_cell(r.human, prompt['id'])} |" if r.human else ""
+        md.append(f"| {_short(prompt['prompt'], 60)} | " + " | ".join(cells) + f" | {best_text} |" + human)
     return md
+
+
+# ------------------------------------------------------------------ people's blind ratings
+
+
+def _share(value: float | None, n: int) -> str:
+    return "-" if value is None else f"{value:.0%} of {n}"
+
+
+def _kappa(k: dict) -> str:
+    if "value" not in k:
+        return f"undefined ({k.get('undefined', 'no items')})"
+    return f"{k['value']:.3f} (observed {k['observed']:.3f}, chance {k['chance']:.3f})"
+
+
+def human_warnings(h: dict) -> list[str]:
+    """A line for the report's first lines when the judge disagrees with the people more often than chance."""
+    from orpolab.evaluate.human import disagrees_beyond_chance
+
+    if not h or not disagrees_beyond_chance(h):
+        return []
+    a = h["judge_vs_human"]
+    return [f"**The judge disagrees with the human reviewers more often than chance**: Cohen's kappa "
+            f"{a['kappa']['value']:.3f} on {a['n']} prompts both rated (agreement {a['with_ties']:.0%} with ties; "
+            f"MT-Bench's GPT-4 agreed with experts {h['mt_bench']['with_ties']:.0%}). See Human review below."]
+
+
+def human_section(h: dict) -> list[str]:
+    """Win/tie/loss per pair as people rated it, the judge's agreement with them, their position bias and tags."""
+    if not h:
+        return []
+    from orpolab.evaluate.review.ratings import TAGS
+
+    reviewers = ", ".join(f"{name} ({n})" for name, n in h["reviewers"].items())
+    md = ["## Human review", "",
+          f"Blind side-by-side ratings (`python -m orpolab.evaluate.review <sweep> <evaluation id>`) by {reviewers}; "
+          f"{h['skipped']} skipped. Each prompt showed two models' answers as A and B in an order drawn per prompt "
+          "and recorded, the names hidden until the reviewer had finished. The win rate is P(second better) + "
+          "½·P(tie), with a 95% bootstrap interval; the judge's outcome on a prompt is the sign of its score "
+          "difference (second - first), compared with each rating of a prompt it scored both answers of.", "",
+          "| pair (first vs second) | wins / ties / losses of second | win rate of second [95% CI] | "
+          "judge agrees, with ties | judge agrees, without ties | Cohen's kappa (3 outcomes) |",
+          "|---|---|---|---|---|---|"]
+    for p in h["pairs"].values():
+        w, a = p["human"], p["judge_vs_human"]
+        md.append(f"| {p['first']} vs {p['second']} | {w['wins']} / {w['ties']} / {w['losses']} | {figure_text(w)} | "
+                  f"{_share(a.get('with_ties'), a['n'])} | {_share(a.get('without_ties'), a['n_without_ties'])} | "
+                  f"{_kappa(a['kappa'])} |")
+    a = h["judge_vs_human"]
+    md.append(f"| all pairs | | | {_share(a.get('with_ties'), a['n'])} | "
+              f"{_share(a.get('without_ties'), a['n_without_ties'])} | {_kappa(a['kappa'])} |")
+    ref = h["mt_bench"]
+    md += ["", f"For comparison, MT-Bench's GPT-4 judge agreed with expert votes {ref['with_ties']:.0%} of the time "
+           f"with ties and {ref['without_ties']:.0%} without, about as often as two experts agreed with each other. "
+           "Kappa is 0 for a judge that agrees only as often as chance (from each rater's own share of outcomes), "
+           "below 0 for one that disagrees more often.", ""]
+    pos = h["position"]
+    if "value" in pos:
+        md.append(f"Position: A was chosen in {pos['value']:.0%} of {pos['n']} A-or-B choices "
+                  f"({figure_text(pos)}; about ½ without position bias), and {pos['ties']} ties.")
+    if h["tags"]:
+        md += ["", "Tags the reviewers gave each model's answers:", "",
+               "| model | " + " | ".join(TAGS.values()) + " |", "|---|" + "---|" * len(TAGS)]
+        for model, counts in h["tags"].items():
+            md.append(f"| {model} | " + " | ".join(str(counts.get(t, 0)) for t in TAGS) + " |")
+    if h.get("between_reviewers"):
+        md += ["", "Reviewers against each other, on the items both rated:", "",
+               "| reviewers | items | agree, with ties | agree, without ties | Cohen's kappa |",
+               "|---|---|---|---|---|"]
+        for names, b in h["between_reviewers"].items():
+            md.append(f"| {names.replace('~', ' and ')} | {b['n']} | {_share(b.get('with_ties'), b['n'])} | "
+                      f"{_share(b.get('without_ties'), b['n_without_ties'])} | {_kappa(b['kappa'])} |")
+    return md + [""]
+
+
+def human_cell(h: dict, prompt_id: int) -> str:
+    """Each reviewer's verdict on a prompt, and their note: ``alice: winner > base (does not stop)``."""
+    parts = []
+    for v in h.get("per_prompt", {}).get(prompt_id, []):
+        first, _, second = v["pair"].partition("~")
+        verdict = f"{first} = {second}" if v["preferred"] == "tie" else \
+            f"{v['preferred']} > {second if v['preferred'] == first else first}"
+        parts.append(f"{v['reviewer']}: {verdict}" + (f" ({_short(v['note'], 60)})" if v["note"] else ""))
+    return "; ".join(parts) or "-"
+
