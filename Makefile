@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 # multimodal part is not needed. GPU users may add -DGGML_CUDA=on.
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: setup tiny-models smollm2 warm-up demo demo-methods demo-search demo-real test test-cluster bench lint mlflow-ui clean
+.PHONY: setup tiny-models smollm2 warm-up demo demo-methods demo-search demo-real test test-cluster bench lint mlflow-ui clean browser
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ bench: tiny-models
 	$(BIN)/python bench/cpu_inference.py
 	$(BIN)/python bench/judge_throughput.py
 	$(BIN)/python bench/answer_throughput.py
+
+# Debian's headless Chromium and chromedriver (root) and selenium, for the review page's browser test; quick when present.
+browser: $(STAMP)
+	scripts/browser-deps.sh $(BIN)
 
 test: tiny-models smollm2
 	$(BIN)/python -m pytest -q
