@@ -130,6 +130,12 @@ def test_review_set_reads_the_evaluation_and_draws_a_recorded_order(evaluation):
     assert review.order("alice", 1, "base~winner") == review.order("alice", 1, "base~winner")
     with pytest.raises(OrpolabError, match="no evaluation 'nosuch'"):
         source.load(sweep, "nosuch")
+    (sweep / "evaluation" / "0badc0de").mkdir()
+    (sweep / "evaluation" / "0badc0de" / "settings.yaml").write_text("{}")
+    both = ", ".join(sorted(["0badc0de", folder.name]))
+    with pytest.raises(OrpolabError, match=f"2 evaluations \\({both}\\); name the one"):
+        source.load(sweep)
+    assert source.load(sweep, folder.name)[1].items == review.items
 
 
 def test_the_page_may_send_only_known_items_choices_tags_and_a_bounded_note(evaluation):
