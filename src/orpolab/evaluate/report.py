@@ -524,8 +524,8 @@ def human_section(h: dict) -> list[str]:
            "below 0 for one that disagrees more often.", ""]
     pos = h["position"]
     if "value" in pos:
-        md.append(f"Position: A was chosen in {pos['value']:.0%} of {pos['n']} A-or-B choices "
-                  f"({figure_text(pos)}; about ½ without position bias), and {pos['ties']} ties.")
+        md.append(f"Position: the reviewers chose A in {round(pos['value'] * pos['n'])} of {pos['n']} A-or-B choices, "
+                  f"{figure_text(pos)} (about ½ without position bias); {pos['ties']} ties.")
     if h["tags"]:
         md += ["", "Tags the reviewers gave each model's answers:", "",
                "| model | " + " | ".join(TAGS.values()) + " |", "|---|" + "---|" * len(TAGS)]
