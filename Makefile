@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 # multimodal part is not needed. GPU users may add -DGGML_CUDA=on.
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: setup tiny-models smollm2 warm-up demo demo-methods demo-search demo-real test test-cluster bench lint mlflow-ui clean
+.PHONY: setup tiny-models smollm2 warm-up demo demo-methods demo-search demo-real test test-cluster bench lint mlflow-ui clean browser
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -56,7 +56,11 @@ bench: tiny-models
 	$(BIN)/python bench/judge_throughput.py
 	$(BIN)/python bench/answer_throughput.py
 
-test: tiny-models smollm2
+# Debian's headless Chromium and chromedriver (root) and selenium, for the review page's browser test; quick when present.
+browser: $(STAMP)
+	scripts/browser-deps.sh $(BIN)
+
+test: tiny-models smollm2 browser
 	$(BIN)/python -m pytest -q
 
 # The engines that scale out, each started on this machine and stopped afterwards (tests/cluster, not part of

@@ -17,6 +17,7 @@ from pathlib import Path
 import matplotlib
 
 from orpolab.evaluate import search_report
+from orpolab.evaluate.report_human import human_cell, human_section, human_warnings
 from orpolab.evaluate.report_results import (
     data_section,
     diff_cell,
@@ -69,6 +70,8 @@ class ReportInputs:
     # The project folder the sweep ran in: data paths under it are shown relative to it, so a report
     # read on another machine names no folder of this one.
     project_root: Path | None = None
+    # People's blind ratings of this evaluation (orpolab.evaluate.review.fold.gather); empty when none.
+    human: dict = field(default_factory=dict)
 
     @property
     def trained(self) -> tuple[str, ...]:
@@ -200,6 +203,7 @@ def write_report(r: ReportInputs, report_dir: Path) -> Path:
           f"`{r.parent_run_id}`.", "",
           *[f"{n}\n" for n in r.notes],
           *[f"{w}\n" for w in warnings(results)],
+          *[f"{w}\n" for w in human_warnings(r.human)],
           "```", *headline(results, r.export), "```",
           "", *r.evaluations, "", f"Answers: {results['quant']} GGUFs of {', '.join(m for m in models if '@' not in m)}"
           + "".join(f", {m} at {m.partition('@')[2]}" for m in models if "@" in m) + " on the CPU, generation settings "
@@ -249,7 +253,7 @@ def write_report(r: ReportInputs, report_dir: Path) -> Path:
             if "mean_diff" in p:
                 md.append(f"- Paired on the same prompts, {m} - base: {diff_cell(p)} (95% bootstrap); {m} right and "
                           f"base wrong on {p['wins']} prompts, the reverse on {p['losses']}.")
-    md += ["", *quant_section(results), *length_section(results, models, trained),
+    md += ["", *human_section(r.human), *quant_section(results), *length_section(results, models, trained),
            "## Per prompt", "", *per_prompt_table(r)]
     out = report_dir / "report.md"
     tmp = report_dir / ".report.md.tmp"
@@ -267,7 +271,8 @@ def per_prompt_table(r: ReportInputs) -> list[str]:
     md = [f"Each cell: the answer, then the judge's {first_metric} score"
           + (f" and ✓ / ✗ for {figure_name(last)}" if last else "")
           + ". **best**: the models with the top judge score (checked answers first, when the prompt has one).", "",
-          "| prompt | " + " | ".join(models) + " | best |", "|---" * (len(models) + 2) + "|"]
+          "| prompt | " + " | ".join(models) + " | best |" + (" human |" if r.human else ""),
+          "|---" * (len(models) + 2 + bool(r.human)) + "|"]
     for prompt in r.prompts:
         cells, ranked = [], {}
         for m in models:
@@ -282,5 +287,6 @@ def per_prompt_table(r: ReportInputs) -> list[str]:
         top = max(ranked.values()) if ranked else None
         best = [m for m, v in ranked.items() if v == top]
         best_text = "-" if not best or len(best) == len(models) else ", ".join(best)
-        md.append(f"| {short_cell(prompt['prompt'], 60)} | " + " | ".join(cells) + f" | {best_text} |")
+        human = f" {human_cell(r.human, prompt['id'])} |" if r.human else ""
+        md.append(f"| {short_cell(prompt['prompt'], 60)} | " + " | ".join(cells) + f" | {best_text} |" + human)
     return md

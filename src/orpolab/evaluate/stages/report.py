@@ -16,8 +16,10 @@ from pathlib import Path
 from orpolab.core import tracking
 from orpolab.core.files import read_jsonl
 from orpolab.evaluate import evaluations
+from orpolab.evaluate.human import metrics as human_metrics
 from orpolab.evaluate.plan import EvaluationPlan
 from orpolab.evaluate.report import CURVES, SWEEP_PARAMS, ReportInputs, write_report
+from orpolab.evaluate.review.fold import gather as gather_ratings
 from orpolab.evaluate.stages import scores
 
 TITLE = "report.md, plots, MLflow"
@@ -74,9 +76,13 @@ def gather(plan: EvaluationPlan, sweep_reports: Path, listed: list[dict]) -> Rep
     c = tracking.client(plan.tracking_uri)
     curves = {j["run_id"]: {k: [(m.step, m.value) for m in c.get_metric_history(j["run_id"], k)] for k in CURVES}
               for j in jobs}
+    scores_ = first_metric_scores(plan, results)
+    boot = plan.settings.bootstrap
+    # People's blind ratings (python -m orpolab.evaluate.review), read afresh: new ones need no new judging.
+    human = gather_ratings(plan.out, plan.models, scores_, boot.n_resamples, boot.seed)
     return ReportInputs(sweep=plan.sweep, parent_run_id=plan.export["parent_run_id"], export=plan.export,
                         results=results, models=plan.models, prompts=plan.prompts, jobs=jobs, curves=curves,
-                        answers=answers, scores=first_metric_scores(plan, results), checked=plan.checked(answers),
+                        answers=answers, scores=scores_, checked=plan.checked(answers), human=human,
                         evaluation_id=plan.id, notes=notes(plan, run_ is not None),
                         evaluations=evaluations.section(listed, plan.id, sweep_reports),
                         project_root=Path(str(plan.job_cfg.paths.root_dir)).resolve())
@@ -88,11 +94,14 @@ def run(plan: EvaluationPlan, report_root: Path) -> Path:
     sweep_reports = report_root / plan.sweep.name
     report_dir = sweep_reports / plan.id
     listed = evaluations.evaluations(plan.sweep)
-    out = write_report(gather(plan, sweep_reports, listed), report_dir)
+    inputs = gather(plan, sweep_reports, listed)
+    out = write_report(inputs, report_dir)
     evaluations.refresh_others(listed, plan.id, sweep_reports)
     point_latest(report_root, report_dir)
     run_ = plan.tracking_run()
     if run_ is not None:
+        if inputs.human:
+            run_.log_metrics(human_metrics(inputs.human))
         for f in (out, report_dir / "training_curves.png", report_dir / "scores.png", plan.out / "results.json",
                   plan.out / "settings.yaml", *sorted(report_dir.glob("search_*.png"))):
             if f.is_file():
