@@ -1,6 +1,6 @@
 """A small evaluated sweep written straight to disk, as the stages write it, for the review tests.
 
-The winner's job folder holds its recorded overrides (``.hydra/``), the export names it, the evaluation
+The winner's job folder holds its recorded config and overrides (``.hydra/``), the export names it, the evaluation
 folder holds ``settings.yaml`` and one ``answers-<model>.jsonl`` per model: what the review reads. No
 training, export or judging runs, so the review tests take seconds.
 """
@@ -25,7 +25,7 @@ from orpolab.core.files import append_jsonl
 from orpolab.core.stage_config import compose_stage
 from orpolab.evaluate import evaluations
 
-from .conftest import ROOT
+from .conftest import ROOT, compose
 
 N_PROMPTS = 6
 
@@ -55,8 +55,11 @@ def make_evaluation(root: Path, models: tuple[str, ...] = ("base", "winner")) ->
     sweep = root / "sweep"
     job = sweep / "0"
     (job / ".hydra").mkdir(parents=True)
-    (job / ".hydra" / "overrides.yaml").write_text(
-        OmegaConf.to_yaml(OmegaConf.create(["eval_prompts=sample", f"eval_prompts.max_prompts={N_PROMPTS}"])))
+    overrides = ["eval_prompts=sample", f"eval_prompts.max_prompts={N_PROMPTS}"]
+    (job / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    recorded = OmegaConf.to_container(compose(overrides, job), resolve=False)  # what Hydra saves for a job
+    recorded.pop("hydra")
+    OmegaConf.save(OmegaConf.create(recorded), job / ".hydra" / "config.yaml")
     (sweep / "export").mkdir()
     (sweep / "export" / "export.json").write_text(json.dumps(
         {"winner": {"job_dir": "0", "job": 0}, "parent_run_id": "none", "sweep_dir": str(sweep)}))
