@@ -12,6 +12,7 @@ from flow_judge import EvalInput, FlowJudge
 from flow_judge.metrics import RESPONSE_CORRECTNESS_3POINT, RESPONSE_CORRECTNESS_5POINT, RESPONSE_CORRECTNESS_BINARY
 from flow_judge.models.common import BaseFlowJudgeModel
 
+from orpolab.core import files
 from orpolab.core.errors import OrpolabError
 from orpolab.demo.sample_task import LookupChecker, answer_text, make_question, value_right
 from orpolab.evaluate import calibration
@@ -285,7 +286,7 @@ def test_judge_identity_hashes_once_per_path_size_and_mtime(tmp_path, monkeypatc
     path.write_bytes(bytes(reversed(data)))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert judge_identity(path, cache_file) == ident
-    monkeypatch.setattr(calibration, "_FILE_HASHES", {})
+    monkeypatch.setattr(files, "_FILE_HASHES", {})
     assert judge_identity(path, cache_file) == ident
     # A new mtime: hashed again.
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,6 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+HASH_CHUNK = 16 << 20  # bytes read at a time when hashing a model file of a few GB
+# sha256 of files by (resolved path, size, mtime in ns): a judge of a few GB is hashed once per process.
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
 @contextmanager
@@ -108,3 +113,36 @@ def inside(folder: str | Path, path: str | Path, recorded_folder: str | Path | N
         except ValueError:
             pass
     return p
+
+
+def file_sha256(path: str | Path, cache_file: Path | None = None) -> str:
+    """sha256 of a file, read in chunks, remembered by path, size and modification time.
+
+    Remembered in the process and, with ``cache_file``, in a JSON file across processes: a 2.4 GB
+    judge is hashed once, not once per sweep. A file replaced in place gets a new size or mtime,
+    hence a new hash.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _FILE_HASHES:
+        return _FILE_HASHES[key]
+    known: dict = {}
+    if cache_file is not None and Path(cache_file).is_file():
+        try:
+            known = json.loads(Path(cache_file).read_text())
+        except (OSError, ValueError):
+            known = {}  # a damaged cache only costs a re-hash
+        entry = known.get(str(path))
+        if isinstance(entry, dict) and (entry.get("size"), entry.get("mtime_ns")) == key[1:]:
+            _FILE_HASHES[key] = entry["sha256"]
+            return entry["sha256"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            digest.update(chunk)
+    _FILE_HASHES[key] = digest.hexdigest()
+    if cache_file is not None:
+        known[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _FILE_HASHES[key]}
+        write_json_atomic(Path(cache_file), known)
+    return _FILE_HASHES[key]

@@ -19,7 +19,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from orpolab.core.config import POST_TRAINING, QUANT_TYPES, describe, typed_key
+from orpolab.core.choices import QUANT_TYPES
+from orpolab.core.config import POST_TRAINING, describe, typed_key
 from orpolab.core.errors import OrpolabError
 from orpolab.core.files import looks_local
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orpolab.core.errors import OrpolabError
-from orpolab.core.files import append_jsonl, write_json_atomic
+from orpolab.core.files import append_jsonl, file_sha256, write_json_atomic
 from orpolab.evaluate.judge import eval_input, judge_many, metric_inputs
 from orpolab.evaluate.stats import auc, pairwise_preference
 
@@ -45,14 +45,11 @@ if TYPE_CHECKING:
 ScoreFn = Callable[["Metric", dict[str, str], str], "int | None"]
 
 REFERENCE_FREE_SUFFIX = "_REFERENCE_FREE"
-HASH_CHUNK = 16 << 20  # bytes read at a time when hashing a judge file of a few GB
 SHORT_HASH = 12
 NOT_BETTER = "no better than chance"
 BETTER = "better than chance"
 UNMEASURED = "unmeasured"
 
-# sha256 of files by (resolved path, size, mtime in ns): a judge of a few GB is hashed once per process.
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
 # ------------------------------------------------------------------ metrics and prompts
@@ -118,39 +115,6 @@ def template_sha256(metric: Metric) -> str:
 
 
 # ------------------------------------------------------------------ the judge file
-
-
-def file_sha256(path: str | Path, cache_file: Path | None = None) -> str:
-    """sha256 of a file, read in chunks, remembered by path, size and modification time.
-
-    Remembered in the process and, with ``cache_file``, in a JSON file across processes: a 2.4 GB
-    judge is hashed once, not once per sweep. A file replaced in place gets a new size or mtime,
-    hence a new hash.
-    """
-    path = Path(path).resolve()
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key in _FILE_HASHES:
-        return _FILE_HASHES[key]
-    known: dict = {}
-    if cache_file is not None and Path(cache_file).is_file():
-        try:
-            known = json.loads(Path(cache_file).read_text())
-        except (OSError, ValueError):
-            known = {}  # a damaged cache only costs a re-hash
-        entry = known.get(str(path))
-        if isinstance(entry, dict) and (entry.get("size"), entry.get("mtime_ns")) == key[1:]:
-            _FILE_HASHES[key] = entry["sha256"]
-            return entry["sha256"]
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            digest.update(chunk)
-    _FILE_HASHES[key] = digest.hexdigest()
-    if cache_file is not None:
-        known[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _FILE_HASHES[key]}
-        write_json_atomic(Path(cache_file), known)
-    return _FILE_HASHES[key]
 
 
 def judge_identity(path: str | Path, cache_file: Path | None = None) -> dict:

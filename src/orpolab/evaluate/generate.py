@@ -16,10 +16,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from orpolab.core.config import GenerationConfig
-from orpolab.core.files import append_jsonl, read_jsonl, write_jsonl_atomic
+from orpolab.core.files import append_jsonl, file_sha256, read_jsonl, write_jsonl_atomic
 from orpolab.core.llama_runtime import open_gguf
 from orpolab.evaluate.batched import TOKENIZER_CTX
-from orpolab.evaluate.calibration import file_sha256
 from orpolab.evaluate.store import Store, content_key
 
 

@@ -136,7 +136,7 @@ class EvaluationPlan:
 
     def file_sha256(self, path: Path) -> str:
         """A GGUF's sha256, computed once per file version on this machine (a judge of GBs is read once)."""
-        from orpolab.evaluate.calibration import file_sha256
+        from orpolab.core.files import file_sha256
 
         return file_sha256(path, Path(str(self.settings.judge.calibration_cache)) / "file-hashes.json")
 

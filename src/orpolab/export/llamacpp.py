@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from orpolab.core import console
-from orpolab.core.config import QUANT_TYPES
+from orpolab.core.choices import QUANT_TYPES
 from orpolab.core.errors import OrpolabError
 from orpolab.core.llama_runtime import log_file
 from orpolab.core.machine import available_cores
