@@ -137,15 +137,21 @@ class _ChunkedSelectedLogps(torch.autograd.Function):
             stop = start + chunk_size
             logits = F.linear(hidden[start:stop], weight, bias).to(dtype)
             t = targets[start:stop]
-            lse = torch.logsumexp(logits, dim=-1)
-            logps[start:stop] = logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - lse
+            picked = logits.gather(-1, t.unsqueeze(-1)).squeeze(-1)
             mean_logits[start:stop] = logits.mean(-1)
+            # log-sum-exp with the chunk's one buffer turned into exp(logits - max) in place: torch.logsumexp
+            # would allocate a second chunk-sized temporary.
+            top = logits.amax(-1, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            total = probs.sum(-1, keepdim=True)
+            lse = (total.log() + top).squeeze(-1)
+            logps[start:stop] = picked - lse
             lse_all[start:stop] = lse
             if grad_hidden is not None:
-                # d logp / d hidden = weight[target] - softmax @ weight; the logits' buffer becomes the softmax.
-                probs = logits.sub_(lse.unsqueeze(-1)).exp_()
+                # d logp / d hidden = weight[target] - softmax @ weight.
+                probs.div_(total)
                 grad_hidden[start:stop] = weight[t].to(dtype) - probs.to(weight.dtype) @ weight
-            del logits
+            del logits, probs  # the chunk's buffer, before the next chunk allocates its own
         ctx.chunk_size, ctx.recompute, ctx.has_bias = chunk_size, recompute, bias is not None
         if recompute:
             ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
@@ -180,7 +186,7 @@ class _ChunkedSelectedLogps(torch.autograd.Function):
                 g_weight += g.T @ h.to(g.dtype)
             if g_bias is not None:
                 g_bias += g.sum(0)
-            del logits, g
+            del logits, g  # the same buffer
         return (g_hidden, None if g_weight is None else g_weight.to(weight.dtype),
                 None if g_bias is None else g_bias.to(bias.dtype), None, None)
 
@@ -207,11 +213,12 @@ def selected_token_logps(
     if hidden.shape[0] == 0:
         empty = hidden.new_zeros(0, dtype=_compute_dtype(hidden.dtype))
         return empty, empty
-    if torch.is_autocast_enabled(hidden.device.type):
+    device = hidden.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         # Autocast would leave the chunk's matmuls in bf16 but the Function's own arithmetic outside
         # it: cast once here, as autocast would have, and run the Function in plain precision.
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        with torch.autocast(hidden.device.type, enabled=False):
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
             return _ChunkedSelectedLogps.apply(hidden.to(dtype), weight.to(dtype),
                                                None if bias is None else bias.to(dtype), targets, chunk_size)
     return _ChunkedSelectedLogps.apply(hidden, weight, bias, targets, chunk_size)
