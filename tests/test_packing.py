@@ -217,3 +217,19 @@ def test_job_resumed_mid_epoch_with_packing_sees_the_same_pairs(tiny_models, tra
     assert sorted(resumed) == list(range(3, 8))
     for step, loss in resumed.items():
         assert loss == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
+def test_bf16_autocast_on_cpu_keeps_log_probs_and_losses_in_float32():
+    """``trainer.precision=bf16-mixed`` on a CPU: the model runs in bf16, log-probs and the loss stay float32."""
+    model = _tiny_lora_model("llama", "sdpa").float()
+    packed = PackedPairCollator(PAD, max_length=30)(_pairs())
+    module = PreferenceModule(model, MethodConfig(name="orpo", nll_on="full"), OptimConfig(), logps_chunk_size=7)
+    full = module._loss(packed, "train")[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module._forward(packed)
+        loss = module._loss(packed, "train")[0]
+    assert out["sum_logps"].dtype == torch.float32 and loss.dtype == torch.float32
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert loss.item() == pytest.approx(full.item(), rel=2e-2)  # bf16's 8 mantissa bits, not a broken path
+    assert loss.item() != full.item()  # and bf16 really ran
