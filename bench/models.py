@@ -18,6 +18,10 @@ SHAPES = {
     # The training benchmark's CPU model: Llama-3.2's vocabulary, small enough for 2 cores.
     "llama_cpu": dict(family="llama", vocab_size=128256, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
                       num_key_value_heads=2, intermediate_size=1536, tie_word_embeddings=True),
+    # Llama-3.2-1B's width, heads and vocabulary with 2 of its 16 layers: the training benchmark on a CPU.
+    "llama1b_2layers": dict(family="llama", vocab_size=128256, hidden_size=2048, num_hidden_layers=2,
+                            num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
+                            tie_word_embeddings=True),
     # Phi-3.5-mini (Flow-Judge-v0.1's base): 3.8B parameters.
     "phi35mini": dict(family="phi", vocab_size=32064, hidden_size=3072, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, intermediate_size=8192, tie_word_embeddings=False),

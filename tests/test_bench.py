@@ -39,13 +39,17 @@ def test_training_benchmark_compares_with_trl_on_identical_batches(tiny_models, 
     assert "kept as it is" in text  # only its own section is replaced
     body = section(text, "train-tiny")
     rows = table_rows(body)
-    assert [r[0] for r in rows[1:]] == ["orpolab", "TRL ORPOTrainer"] and len(rows[0]) == 4
+    assert [r[0] for r in rows[1:]] == ["orpolab, one row per sequence", "orpolab, packed with shared prompts",
+                                        "TRL ORPOTrainer"] and len(rows[0]) == 5
     for r in rows[1:]:
         assert float(r[1].split()[0]) > 0 and 0 <= float(r[2].split()[0]) < 1 and float(r[3].split()[0]) > 0
     raw = json.loads((tmp_path / "results" / "train-tiny.json").read_text())
     # Configured alike, the two implementations give the same ORPO loss on the same batches.
-    assert raw["losses"]["max_abs_diff"] < 1e-4 and len(raw["losses"]["batches"]) == 3
-    assert raw["ratio"]["median"] > 0 and "orpolab / TRL" in body
+    assert raw["losses"]["max_abs_diff"] < 1e-4 and len(raw["losses"]["batches"]) == 3  # both layouts
+    assert raw["ratios"]["packed"]["median"] > 0 and "packed with shared prompts / TRL" in body
+    # The loss step's memory: the chunked output layer keeps far less than the earlier chunks.
+    memory = raw["loss_memory"][0]
+    assert memory["sequences"] == 8 and memory["chunked, nothing kept"] < memory["chunks kept"] / 4
     # Re-running replaces the section instead of appending another.
     bench("train_vs_trl.py", out)
     assert out.read_text().count("<!-- bench:train-tiny -->") == 1

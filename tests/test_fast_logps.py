@@ -14,19 +14,80 @@ from orpolab.train.module import PreferenceModule
 from .test_methods import _tiny_dpo_module
 
 
-def test_selected_token_logps_matches_float64_log_softmax():
+def _reference_logps(hidden, weight, bias, targets):
+    """The plain path, written out: full float64 logits, log-softmax, the targets' entries."""
+    logits = hidden @ weight.T + (0 if bias is None else bias)
+    return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1), logits
+
+
+@pytest.mark.parametrize("layer", ["frozen", "trained", "tied"])
+def test_chunked_output_layer_matches_log_softmax_in_float64(layer):
+    """Values and gradients of every input within 1e-6 of a plain float64 ``log_softmax``.
+
+    frozen: the LoRA case (gradient computed in the forward pass); trained: weight and bias learn
+    (logits recomputed in the backward pass); tied: the output layer is the input embedding, used twice.
+    """
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(37, 16, generator=gen, requires_grad=True)
-    weight, bias = torch.randn(300, 16, generator=gen), torch.randn(300, generator=gen)
-    targets = torch.randint(0, 300, (37,), generator=gen)
-    logps, mean_logits = selected_token_logps(hidden, weight, targets, bias, chunk_size=8)  # 5 chunks
-    ref_logits = hidden.double() @ weight.double().T + bias.double()
-    ref = torch.log_softmax(ref_logits, -1).gather(-1, targets[:, None]).squeeze(-1)
-    torch.testing.assert_close(logps.double(), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(mean_logits.double(), ref_logits.mean(-1).detach(), rtol=1e-5, atol=1e-5)
-    (g,) = torch.autograd.grad(logps.sum(), hidden)
-    (g_ref,) = torch.autograd.grad(ref.sum(), hidden)
-    torch.testing.assert_close(g.double(), g_ref.double(), rtol=1e-4, atol=1e-5)
+    vocab, width, n = 300, 16, 37
+    weight = torch.randn(vocab, width, generator=gen, dtype=torch.float64, requires_grad=layer != "frozen")
+    bias = torch.randn(vocab, generator=gen, dtype=torch.float64, requires_grad=layer == "trained") \
+        if layer != "tied" else None
+    ids = torch.randint(0, vocab, (n,), generator=gen)
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    mix = torch.randn(width, width, generator=gen, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(n, generator=gen, dtype=torch.float64)  # an arbitrary loss's gradient
+
+    def run(fn):
+        base = weight[ids] if layer == "tied" else torch.randn(n, width, generator=torch.Generator().manual_seed(1),
+                                                               dtype=torch.float64)
+        hidden = torch.tanh(base @ mix)
+        logps, mean_logits = fn(hidden)
+        leaves = [t for t in (mix, weight, bias) if t is not None and t.requires_grad]
+        return logps, mean_logits, torch.autograd.grad((logps * upstream).sum(), leaves)
+
+    fast = run(lambda h: selected_token_logps(h, weight, targets, bias, chunk_size=8))  # 5 chunks
+    ref = run(lambda h: (lambda lp, lg: (lp, lg.mean(-1)))(*_reference_logps(h, weight, bias, targets)))
+    assert fast[0].dtype == torch.float64
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(fast[1], ref[1].detach(), rtol=1e-6, atol=1e-12)
+    assert len(fast[2]) == {"frozen": 1, "trained": 3, "tied": 2}[layer]
+    for g, g_ref in zip(fast[2], ref[2], strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-12)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes autograd keeps for the backward pass, other than the inputs themselves (held anyway)."""
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        inputs = fn()
+    return sum(b for ptr, b in saved.items() if ptr not in {t.untyped_storage().data_ptr() for t in inputs})
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_chunked_output_layer_keeps_no_logits_for_backward(trained):
+    """At a 32k vocabulary the plain path keeps every position's logits; the chunked one under one chunk's."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, width, n, chunk = 32768, 8, 64, 8
+    hidden = torch.randn(n, width, generator=gen, requires_grad=True)
+    weight = torch.randn(vocab, width, generator=gen, requires_grad=trained)
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+
+    def chunked():
+        selected_token_logps(hidden, weight, targets, None, chunk_size=chunk)[0].sum().backward()
+        return hidden, weight
+
+    def plain():
+        _reference_logps(hidden, weight, None, targets)[0].sum().backward()
+        return hidden, weight
+
+    one_chunk = chunk * vocab * 4
+    assert _saved_bytes(plain) >= n * vocab * 4  # all logits (and their log-softmax)
+    assert _saved_bytes(chunked) < one_chunk / 8  # a few numbers per position: hidden-sized rows, log-sum-exps
 
 
 @pytest.mark.parametrize("method,nll_on", [("orpo", "full"), ("orpo", "completion"), ("dpo", "full")])

@@ -101,6 +101,10 @@ class DataConfig:
     # Batches of similar length (shuffled groups of 50 batches, sorted within): less padding, as
     # Hugging Face's group_by_length / TRL's train_sampling_strategy="group_by_length".
     group_by_length: bool = MISSING
+    # Prefix sharing with packing: each pair laid out once as prompt, chosen, rejected, several pairs
+    # per row of max_length tokens, with a block attention mask; the same numbers as the plain layout.
+    # Off by itself (one log line) for attention kernels without custom masks or short sliding windows.
+    packing: bool = MISSING
     cache_dir: str = MISSING
     num_workers: int = MISSING
 

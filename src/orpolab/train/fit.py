@@ -25,6 +25,7 @@ from orpolab.core.machine import available_cores
 from orpolab.train.checkpoints import AtomicCheckpointIO, remove_partial_saves
 from orpolab.train.data import PreferenceDataModule, prepare
 from orpolab.train.data.tokenize import PreparedData
+from orpolab.train.logps import packing_blocker
 from orpolab.train.model import apply_lora, load_model, load_tokenizer
 from orpolab.train.module import PreferenceModule
 from orpolab.train.trial import PruningReporter, load_trial, trial_of_job
@@ -95,8 +96,14 @@ def setup(cfg: DictConfig, job: tracking.JobRun) -> Setup:
              lora_cfg.target_modules or model_cfg.lora_target_modules)
     module = PreferenceModule(model, method_cfg, optim_cfg, logps_chunk_size=model_cfg.logps_chunk_size)
     log.info("module: %s, lr %g, %s schedule", method_cfg.name, optim_cfg.lr, optim_cfg.schedule)
-    datamodule = PreferenceDataModule(data, data_cfg, tokenizer.pad_token_id, cfg.seed)
-    log.info("datamodule: batches of %d pairs (held out: %d)", data_cfg.batch_size, data_cfg.eval_batch_size)
+    packing = data_cfg.packing
+    blocker = packing_blocker(model, data_cfg.max_length) if packing else None
+    if blocker:
+        log.info("data.packing off for this model: %s; one row per sequence instead", blocker)
+        packing = False
+    datamodule = PreferenceDataModule(data, data_cfg, tokenizer.pad_token_id, cfg.seed, packing=packing)
+    log.info("datamodule: batches of %d pairs (held out: %d), %s", data_cfg.batch_size, data_cfg.eval_batch_size,
+             "packed rows with shared prompts" if packing else "one row per sequence")
     return Setup(module, datamodule, data, model_cfg.name_or_path)
 
 

@@ -14,6 +14,11 @@ import torch.nn.functional as F
 _LN2 = math.log(2.0)
 
 
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16 log-probs are promoted, as TRL does); float64 stays float64 for exact tests."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(x))`` for ``x <= 0``, finite in value and gradient for every such ``x``.
 
@@ -59,16 +64,16 @@ def orpo_loss(
     """
     if beta <= 0:
         raise ValueError(f"orpo beta must be positive, got {beta}")
-    c = chosen_logps.float()
-    r = rejected_logps.float()
+    c = _up(chosen_logps)
+    r = _up(rejected_logps)
     log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
     ratio = F.logsigmoid(log_odds)
-    loss = chosen_nll.float() - beta * ratio.mean()
+    loss = _up(chosen_nll) - beta * ratio.mean()
 
     chosen_rewards = beta * c.detach()
     rejected_rewards = beta * r.detach()
     metrics = {
-        "nll_loss": chosen_nll.detach().float(),
+        "nll_loss": _up(chosen_nll.detach()),
         "log_odds_ratio": ratio.detach().mean(),
         "log_odds_chosen": log_odds.detach().mean(),
         "rewards/chosen": chosen_rewards.mean(),
@@ -85,14 +90,105 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 
     """Log-probability of each next token, shape (N, T-1); zero where the label is ignored.
 
     ``logits[:, t]`` predicts ``labels[:, t + 1]``. The log-softmax is taken in float32 even for
-    bf16 logits, as TRL does, because the odds ratio is sensitive to small probability changes.
+    bf16 logits, as TRL does, because the odds ratio is sensitive to small probability changes
+    (float64 logits stay float64).
     """
-    logits = logits[:, :-1].float()
+    logits = logits[:, :-1].to(_compute_dtype(logits.dtype))
     targets = labels[:, 1:]
     mask = targets != ignore_index
     safe = torch.where(mask, targets, torch.zeros_like(targets))
     logps = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return logps * mask
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision logits (as TRL), the input's own precision when it is higher (float64 tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _ChunkedSelectedLogps(torch.autograd.Function):
+    """``log_softmax(hidden @ weight.T + bias)[targets]`` with at most one chunk's logits alive at a time.
+
+    Autograd would keep every chunk's (positions x vocabulary) logits until the backward pass:
+    4 GB for 8 pairs of 500-token answers at Llama-3's 128,256 tokens. Here the forward pass keeps,
+    per position, only the log-sum-exp; what the backward pass needs is obtained in one of two ways:
+
+    * the output layer is frozen (LoRA, the usual case): the gradient of each log-probability with
+      respect to its hidden state, ``weight[target] - softmax @ weight``, is computed in the forward
+      pass while the chunk's softmax is at hand (as Liger-Kernel's fused losses do) and kept, one
+      hidden-sized row per position; backward only scales it. No logits are computed twice.
+    * the output layer trains (full fine-tuning, or a bias that trains): backward recomputes each
+      chunk's logits from the kept hidden states and the log-sum-exp, then frees them.
+
+    The second output, each position's mean logit (TRL's ``logits/*`` metric), is not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        dtype = _compute_dtype(hidden.dtype)
+        needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs_bias = bias is not None and ctx.needs_input_grad[2]
+        recompute = needs_weight or needs_bias
+        logps = hidden.new_empty(hidden.shape[0], dtype=dtype)
+        mean_logits = hidden.new_empty(hidden.shape[0], dtype=dtype)
+        lse_all = hidden.new_empty(hidden.shape[0], dtype=dtype)
+        grad_hidden = hidden.new_empty(hidden.shape) if needs_hidden and not recompute else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            stop = start + chunk_size
+            logits = F.linear(hidden[start:stop], weight, bias).to(dtype)
+            t = targets[start:stop]
+            picked = logits.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+            mean_logits[start:stop] = logits.mean(-1)
+            # log-sum-exp with the chunk's one buffer turned into exp(logits - max) in place: torch.logsumexp
+            # would allocate a second chunk-sized temporary.
+            top = logits.amax(-1, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            total = probs.sum(-1, keepdim=True)
+            lse = (total.log() + top).squeeze(-1)
+            logps[start:stop] = picked - lse
+            lse_all[start:stop] = lse
+            if grad_hidden is not None:
+                # d logp / d hidden = weight[target] - softmax @ weight.
+                probs.div_(total)
+                grad_hidden[start:stop] = weight[t].to(dtype) - probs.to(weight.dtype) @ weight
+            del logits, probs  # the chunk's buffer, before the next chunk allocates its own
+        ctx.chunk_size, ctx.recompute, ctx.has_bias = chunk_size, recompute, bias is not None
+        if recompute:
+            ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
+        else:
+            ctx.save_for_backward(grad_hidden)
+        ctx.mark_non_differentiable(mean_logits)
+        return logps, mean_logits
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_mean):
+        if not ctx.recompute:
+            (grad_hidden,) = ctx.saved_tensors
+            if grad_hidden is None:
+                return None, None, None, None, None
+            return (grad_logps.unsqueeze(-1) * grad_hidden).to(grad_hidden.dtype), None, None, None, None
+        hidden, weight, bias, targets, lse_all = ctx.saved_tensors
+        needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs_bias = ctx.has_bias and ctx.needs_input_grad[2]
+        g_hidden = torch.zeros_like(hidden) if needs_hidden else None
+        g_weight = torch.zeros_like(weight, dtype=_compute_dtype(weight.dtype)) if needs_weight else None
+        g_bias = torch.zeros_like(bias, dtype=_compute_dtype(bias.dtype)) if needs_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            stop = start + ctx.chunk_size
+            h = hidden[start:stop]
+            logits = F.linear(h, weight, bias).to(lse_all.dtype)
+            # d logp_i / d logits_i = onehot(target_i) - softmax_i, scaled by the incoming gradient.
+            g = logits.sub_(lse_all[start:stop].unsqueeze(-1)).exp_().mul_(-grad_logps[start:stop].unsqueeze(-1))
+            g.scatter_add_(-1, targets[start:stop].unsqueeze(-1), grad_logps[start:stop].unsqueeze(-1).to(g.dtype))
+            if g_hidden is not None:
+                g_hidden[start:stop] = g.to(weight.dtype) @ weight
+            if g_weight is not None:
+                g_weight += g.T @ h.to(g.dtype)
+            if g_bias is not None:
+                g_bias += g.sum(0)
+            del logits, g  # the same buffer
+        return (g_hidden, None if g_weight is None else g_weight.to(weight.dtype),
+                None if g_bias is None else g_bias.to(bias.dtype), None, None)
 
 
 def selected_token_logps(
@@ -106,25 +202,26 @@ def selected_token_logps(
 
     ``hidden`` (N, H) holds only the positions whose next-token log-probability is needed
     (completion tokens, and prompt tokens for a full-sequence NLL); ``weight`` (V, H) is the output
-    layer. Equal to ``log_softmax(hidden @ weight.T)[targets]`` in float32, but never builds the
-    (positions x vocabulary) logits of padding or of prompts that no term uses, and keeps one
-    float32 copy of the selected logits instead of logits + float copy + log-softmax: with
-    Llama-3's 128k vocabulary that output layer is most of a small model's cost.
+    layer (a tied embedding matrix works the same). Equal to ``log_softmax(hidden @ weight.T)[targets]``
+    in float32 (float64 for float64 inputs), but never builds the (positions x vocabulary) logits of
+    padding or of prompts that no term uses, and never holds more than one chunk's logits: neither
+    between the forward and the backward pass nor within either (see :class:`_ChunkedSelectedLogps`).
 
     Returns the log-probabilities (N,) and, without gradient, each row's mean logit (N,), which
     is TRL's ``logits/*`` metric.
     """
-    logps, mean_logits = [], []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h = hidden[start: start + chunk_size]
-        logits = F.linear(h, weight, bias).float()
-        t = targets[start: start + chunk_size]
-        logps.append(logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1))
-        mean_logits.append(logits.detach().mean(-1))
-    if not logps:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
+    if hidden.shape[0] == 0:
+        empty = hidden.new_zeros(0, dtype=_compute_dtype(hidden.dtype))
         return empty, empty
-    return torch.cat(logps), torch.cat(mean_logits)
+    device = hidden.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        # Autocast would leave the chunk's matmuls in bf16 but the Function's own arithmetic outside
+        # it: cast once here, as autocast would have, and run the Function in plain precision.
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return _ChunkedSelectedLogps.apply(hidden.to(dtype), weight.to(dtype),
+                                               None if bias is None else bias.to(dtype), targets, chunk_size)
+    return _ChunkedSelectedLogps.apply(hidden, weight, bias, targets, chunk_size)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -136,11 +233,11 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
                         rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
     """TRL's reward metrics, shared by the DPO-style losses."""
-    c, r = chosen_rewards.detach().float(), rejected_rewards.detach().float()
+    c, r = _up(chosen_rewards.detach()), _up(rejected_rewards.detach())
     return {
         "rewards/chosen": c.mean(), "rewards/rejected": r.mean(),
         "rewards/accuracies": (c > r).float().mean(), "rewards/margins": (c - r).mean(),
-        "logps/chosen": chosen_logps.detach().float().mean(), "logps/rejected": rejected_logps.detach().float().mean(),
+        "logps/chosen": _up(chosen_logps.detach()).mean(), "logps/rejected": _up(rejected_logps.detach()).mean(),
     }
 
 
@@ -161,8 +258,8 @@ def dpo_loss(
         raise ValueError(f"dpo beta must be positive, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    chosen_ratio = chosen_logps.float() - ref_chosen_logps.float()
-    rejected_ratio = rejected_logps.float() - ref_rejected_logps.float()
+    chosen_ratio = _up(chosen_logps) - _up(ref_chosen_logps)
+    rejected_ratio = _up(rejected_logps) - _up(ref_rejected_logps)
     logits = beta * (chosen_ratio - rejected_ratio)
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     metrics = _preference_metrics(beta * chosen_ratio, beta * rejected_ratio, chosen_logps, rejected_logps)
@@ -182,14 +279,14 @@ def simpo_loss(
     """
     if beta <= 0:
         raise ValueError(f"simpo beta must be positive, got {beta}")
-    c, r = chosen_avg_logps.float(), rejected_avg_logps.float()
+    c, r = _up(chosen_avg_logps), _up(rejected_avg_logps)
     losses = -F.logsigmoid(beta * (c - r) - gamma)
     return losses.mean(), _preference_metrics(beta * c, beta * r, c, r)
 
 
 def sft_loss(chosen_nll: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Supervised fine-tuning on the chosen completions only: the baseline ORPO claims to replace."""
-    return chosen_nll.float(), {"nll_loss": chosen_nll.detach().float()}
+    return _up(chosen_nll), {"nll_loss": _up(chosen_nll.detach())}
 
 
 def method_loss(method, out: dict[str, torch.Tensor], ref_logps: torch.Tensor | None = None

@@ -20,7 +20,7 @@ from torchmetrics.aggregation import SumMetric
 
 from orpolab.core.config import MethodConfig, OptimConfig
 from orpolab.core.errors import OrpolabError
-from orpolab.train.logps import sequence_logps
+from orpolab.train.logps import pairs_in, sequence_logps
 from orpolab.train.losses import method_loss
 
 
@@ -108,7 +108,7 @@ class PreferenceModule(L.LightningModule):
                 f"the {self.method.name.upper()} loss became {loss.item()} at step {self.global_step}; "
                 "lower optim.lr or check the data"
             )
-        n = batch["input_ids"].shape[0] // 2
+        n = pairs_in(batch)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=n)
         return loss
@@ -119,7 +119,7 @@ class PreferenceModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, metrics, out = self._loss(batch, "val")
-        n = batch["input_ids"].shape[0] // 2
+        n = pairs_in(batch)
         # sync_dist: averaged over the ranks of a multi-device job (a no-op on one device).
         self.log("val/loss", loss, batch_size=n, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=n, sync_dist=True)

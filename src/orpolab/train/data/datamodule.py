@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 
 from orpolab.core.config import DataConfig
 from orpolab.core.errors import OrpolabError
+from orpolab.train.data.packing import PackedPairCollator
 from orpolab.train.data.tokenize import PreparedData
 
 
@@ -111,10 +112,14 @@ class PreferenceDataModule(L.LightningDataModule):
     resumed job continues with the very batches an uninterrupted one would have seen.
     """
 
-    def __init__(self, data: PreparedData, cfg: DataConfig, pad_token_id: int, seed: int):
+    def __init__(self, data: PreparedData, cfg: DataConfig, pad_token_id: int, seed: int,
+                 packing: bool | None = None):
         super().__init__()
         self.data, self.cfg, self.seed = data, cfg, seed
-        self.collate = PairCollator(pad_token_id)
+        # ``packing``: the caller's decision for this model (see orpolab.train.logps.packing_blocker),
+        # else the config's. A batch holds the same pairs either way; only their layout differs.
+        self.packing = cfg.packing if packing is None else packing
+        self.collate = PackedPairCollator(pad_token_id, cfg.max_length) if self.packing else PairCollator(pad_token_id)
         lengths = [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in data.train]
         self.sampler = ResumableSampler(len(data.train), seed, lengths if cfg.group_by_length else None,
                                         cfg.batch_size)
