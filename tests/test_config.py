@@ -212,7 +212,9 @@ def test_enums_reach_code_mlflow_and_the_sweep_id_as_plain_strings(tmp_path):
 
 def test_every_choice_is_named_as_its_value():
     """OmegaConf matches an enum by name, and the code compares its value: they must be the same string."""
-    for choice in schema.Choice.__subclasses__():
+    from orpolab.core.choices import Choice
+
+    for choice in Choice.__subclasses__():
         assert all(name == member.value or member.value in choice.__members__
                    for name, member in choice.__members__.items()), choice
 
