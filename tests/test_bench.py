@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from .helpers import ROOT
+
+pytestmark = pytest.mark.subprocess
 
 
 def bench(script: str, out, *args: str) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ from orpolab.core.validate import validate
 from orpolab.sweep import preflight
 from orpolab.sweep.sweep_id import derive
 
-from .conftest import RANDOM_TINY, ROOT, compose, run_train
+from .helpers import RANDOM_TINY, ROOT, compose, run_train
 
 # Every option of every group; the root's own defaults fill in the rest.
 OPTIONS = [
@@ -152,9 +152,10 @@ def sweep_problems(overrides: list[str], tmp_path: Path) -> str:
     return ""
 
 
-def test_sweep_check_composes_every_job(tmp_path):
+def test_sweep_check_composes_every_job(tiny_models, tmp_path):
     # The values interact: the base config (ORPO) is fine, the DPO job's learning rate is not.
-    message = sweep_problems(VALID + ["experiment=demo", "lr_per_method.dpo=-1", "method=orpo,dpo"], tmp_path)
+    message = sweep_problems(VALID + ["experiment=demo", RANDOM_TINY, "lr_per_method.dpo=-1", "method=orpo,dpo"],
+                             tmp_path)
     assert message == "optim.lr must be positive, got -1.0, in job 1 (method=dpo)"
     # A sweep value of the wrong type, which Hydra would only find when that job starts.
     message = sweep_problems(VALID + ["optim.lr=1e-4,abc"], tmp_path)
@@ -163,6 +164,7 @@ def test_sweep_check_composes_every_job(tmp_path):
     assert sweep_problems(VALID + ["orpo.beta=0.05,0.1"], tmp_path) == ""
 
 
+@pytest.mark.subprocess
 def test_bad_sweep_value_stops_the_command_before_any_job(tracking_uri, tmp_path):
     proc = run_train(["-m", "experiment=demo", RANDOM_TINY, "orpo.beta=0.05,-1", f"hydra.sweep.dir={tmp_path / 's'}"])
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -172,6 +174,7 @@ def test_bad_sweep_value_stops_the_command_before_any_job(tracking_uri, tmp_path
     assert nothing_tracked(tracking_uri)
 
 
+@pytest.mark.subprocess
 def test_wrong_type_stops_the_command_without_a_traceback(tracking_uri):
     proc = run_train(["lora.bnb_4bit_compute_dtype=float8"])
     assert proc.returncode == 1

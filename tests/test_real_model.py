@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 
-from .conftest import evaluation_dir, run_train
+import pytest
+
+from .helpers import evaluation_dir, run_train
+
+pytestmark = pytest.mark.subprocess
 
 
 def test_smollm2_trains_exports_with_identical_bpe_ids_and_is_evaluated(smollm2, tmp_path):
