@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import EVAL_SMALL, FAMILIES, ROOT, TINY_DIR, private_copy, run_train
+from .helpers import EVAL_SMALL, FAMILIES, ROOT, TINY_DIR, new_store, private_copy, run_train
 
 os.environ.setdefault("ORPOLAB_ROOT", str(ROOT))
 
@@ -65,10 +65,23 @@ def smollm2() -> dict[str, Path]:
     return {"model": build.model_dir(cache), "gguf": build.gguf_path(cache)}
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store holding MLflow's tables and nothing else, made once for the session.
+
+    Making the tables runs MLflow's schema migrations, seconds per store; each test's store is a copy instead.
+    """
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "empty.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture()
-def tracking_uri(tmp_path: Path, monkeypatch) -> str:
+def tracking_uri(empty_store, tmp_path: Path, monkeypatch) -> str:
     """A fresh SQLite MLflow store per test, also for subprocesses (via the environment)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(empty_store, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 
@@ -85,14 +98,14 @@ def warm_llama(tiny_models) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sweep(warm_llama, tmp_path_factory):
+def sweep(warm_llama, empty_store, tmp_path_factory):
     """A 2-job sweep from the warmed-up tiny_llama whose post-sweep hook exports and evaluates the winner.
 
     Starting from a trained model matters: the export's verification must be shown to catch a broken
     conversion on a model whose predictions are sharp, not on near-uniform random logits.
     """
     tmp = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = new_store(empty_store, tmp)
     proc = run_train(["-m", "experiment=demo", "trainer.max_steps=60",
                       f"evaluation.judge.calibration_cache={tmp / 'calibration'}", "trainer.val_check_interval=30",
                       "orpo.beta=0.05,0.1", f"hydra.sweep.dir={tmp / 'sweep'}", f"paths.report_dir={tmp / 'report'}",

@@ -56,6 +56,12 @@ def run_train(args: list[str], env_extra: dict | None = None, timeout: int = 600
 # ------------------------------------------------------------------ MLflow
 
 
+def new_store(empty_store: Path, folder: Path) -> str:
+    """The URI of a new SQLite MLflow store ``folder/mlflow.db``, a copy of the ``empty_store`` fixture's."""
+    shutil.copy(empty_store, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
 def experiment_name() -> str:
     """The experiment every job logs to, as ``conf/logger/mlflow.yaml`` names it."""
     from omegaconf import OmegaConf

@@ -36,8 +36,10 @@ VALID = ["data=sample", "eval_prompts=sample"]
 
 
 def nothing_tracked(tracking_uri: str) -> bool:
-    """No MLflow run, not even an experiment: the test's SQLite store was never opened."""
-    return not Path(tracking_uri.removeprefix("sqlite:///")).exists()
+    """No MLflow run, not even an experiment: the test's store holds MLflow's Default experiment only."""
+    from mlflow.tracking import MlflowClient
+
+    return [e.name for e in MlflowClient(tracking_uri).search_experiments()] == ["Default"]
 
 
 def composition_error(overrides: list[str], tmp_path: Path) -> str:

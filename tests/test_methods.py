@@ -13,7 +13,7 @@ from orpolab.train.data import PairCollator, PreferenceDataModule
 from orpolab.train.job import run
 from orpolab.train.module import PreferenceModule
 
-from .helpers import EVAL_SMALL, RANDOM_TINY, compose, evaluation_dir, run_train, runs, tiny_dpo_module
+from .helpers import EVAL_SMALL, RANDOM_TINY, compose, evaluation_dir, new_store, run_train, runs, tiny_dpo_module
 
 FAST = ["experiment=demo", RANDOM_TINY, "trainer.enable_progress_bar=false"]
 
@@ -102,10 +102,10 @@ def test_each_method_trains_and_logs_its_metrics(tiny_models, tracking_uri, tmp_
 
 
 @pytest.fixture(scope="module")
-def method_sweep(warm_llama, tmp_path_factory):
+def method_sweep(warm_llama, empty_store, tmp_path_factory):
     """ORPO, DPO, SimPO and SFT in one sweep from the warmed-up tiny_llama, exported and evaluated by its hook."""
     tmp = tmp_path_factory.mktemp("methods")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = new_store(empty_store, tmp)
     proc = run_train(["-m", "experiment=demo", "method=orpo,dpo,simpo,sft", "trainer.max_steps=40",
                       f"evaluation.judge.calibration_cache={tmp / 'calibration'}",
                       "trainer.val_check_interval=20", "trainer.enable_progress_bar=false",
