@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import EVAL_SMALL, FAMILIES, ROOT, TINY_DIR, new_store, private_copy, run_train
+from .helpers import EVAL_SMALL, FAMILIES, ROOT, SWEEP_TRAINING, TINY_DIR, new_store, private_copy, run_train
 
 os.environ.setdefault("ORPOLAB_ROOT", str(ROOT))
 
@@ -106,10 +106,10 @@ def sweep(warm_llama, empty_store, tmp_path_factory):
     """
     tmp = tmp_path_factory.mktemp("sweep")
     uri = new_store(empty_store, tmp)
-    proc = run_train(["-m", "experiment=demo", "trainer.max_steps=60",
-                      f"evaluation.judge.calibration_cache={tmp / 'calibration'}", "trainer.val_check_interval=30",
-                      "orpo.beta=0.05,0.1", f"hydra.sweep.dir={tmp / 'sweep'}", f"paths.report_dir={tmp / 'report'}",
-                      "export.quant_types=[Q4_K_M,Q8_0]", "evaluation.quants=[F16,Q4_K_M]", *EVAL_SMALL],
+    proc = run_train(["-m", "experiment=demo", *SWEEP_TRAINING, "orpo.beta=0.05,0.1",
+                      f"evaluation.judge.calibration_cache={tmp / 'calibration'}", f"hydra.sweep.dir={tmp / 'sweep'}",
+                      f"paths.report_dir={tmp / 'report'}", "export.quant_types=[Q4_K_M,Q8_0]",
+                      "evaluation.quants=[F16,Q4_K_M]", *EVAL_SMALL],
                      env_extra={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout, "stderr": proc.stderr,

@@ -25,6 +25,10 @@ EVAL_SMALL = ["evaluation.judge.stand_in=true", "evaluation.judge.path=null", "e
               "evaluation.generation.max_tokens=32", "evaluation.judge.max_tokens=64",
               "evaluation.judge.max_feedback_chars=60"]
 
+# How long each job of the demo sweep (the `sweep` fixture) trains; a test that re-runs its command says the same.
+SWEEP_STEPS = 30
+SWEEP_TRAINING = [f"trainer.max_steps={SWEEP_STEPS}", f"trainer.val_check_interval={SWEEP_STEPS // 2}"]
+
 
 def compose(overrides: list[str], output_dir: Path):
     """The training config as Hydra composes it for ``train.py``, with Hydra's runtime set."""

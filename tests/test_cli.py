@@ -18,7 +18,7 @@ from orpolab.core import console, tracking
 from orpolab.core.errors import OrpolabError
 from orpolab.export import llamacpp
 
-from .helpers import ROOT
+from .helpers import ROOT, SWEEP_STEPS
 
 VOCAB_GGUF = ROOT / ".cache" / f"llama.cpp-{metadata.version('llama-cpp-python')}" / "models" / \
     "ggml-vocab-llama-bpe.gguf"
@@ -231,7 +231,7 @@ def test_the_sweep_console_is_short_and_ends_with_the_headline(sweep):
         assert noise not in out + err, noise
     # Every stage's result is there: each job, the export's figures, the evaluation.
     assert "Sweep finished: 2 job(s) finished, 0 failed." in out
-    assert sum(line.startswith("  trained 60 steps in ") for line in lines) == 2
+    assert sum(line.startswith(f"  trained {SWEEP_STEPS} steps in ") for line in lines) == 2
     assert re.search(r"winner-Q4_K_M\.gguf +token ids identical .* ok$", out, re.M)
     assert re.search(r"^    winner: 6 answers, \d+% ended by themselves$", out, re.M)
     # The headline, then the report's path, last.

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from orpolab.core.errors import OrpolabError
 
-from .helpers import EVAL_SMALL, ROOT, compose, evaluation_dir, private_copy, run_train, runs
+from .helpers import EVAL_SMALL, ROOT, SWEEP_TRAINING, compose, evaluation_dir, private_copy, run_train, runs
 
 
 def evaluate_cli(folder: Path, uri: str, *args: str) -> subprocess.CompletedProcess:
@@ -69,7 +69,7 @@ def test_a_rerun_with_other_evaluation_settings_trains_nothing_and_adds_an_evalu
     shutil.copytree(sweep["report"].parent, reports / own["dir"].name / first)
     changed = {"eval_prompts.max_prompts": "3", "evaluation.quants": "[]", "evaluation.judge.calibration_size": "0"}
     small = [o for o in EVAL_SMALL if o.split("=")[0] not in changed] + [f"{k}={v}" for k, v in changed.items()]
-    proc = run_train(["-m", "experiment=demo", "trainer.max_steps=60", "trainer.val_check_interval=30",
+    proc = run_train(["-m", "experiment=demo", *SWEEP_TRAINING,
                       f"evaluation.judge.calibration_cache={sweep['dir'].parent / 'calibration'}",
                       "orpo.beta=0.05,0.1", f"hydra.sweep.dir={own['dir']}", f"paths.report_dir={reports}",
                       "export.quant_types=[Q4_K_M,Q8_0]", *small], env_extra={"MLFLOW_TRACKING_URI": own["uri"]})

@@ -17,7 +17,10 @@ from orpolab.core.errors import OrpolabError
 
 from .helpers import RANDOM_TINY, ROOT, compose, job_runs, losses, run_train, runs
 
-STEPS = ["trainer.max_steps=90", "trainer.val_check_interval=30", "trainer.log_every_n_steps=1"]
+# 48 training pairs, an epoch of 6 batches: 12 steps resume mid-epoch and cross an epoch boundary twice;
+# 10 held-out pairs for each validation (what is compared is the training loss).
+STEPS = ["trainer.max_steps=12", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
+         "data.max_train_rows=48", "data.max_eval_rows=10"]
 QUIET = ["trainer.enable_progress_bar=false", "export.enabled=false"]
 
 
@@ -42,7 +45,7 @@ def test_killed_sweep_resumes_with_one_run_per_job_and_the_same_losses(tiny_mode
     # The sweep folder is named by the derived sweep id: the same command finds the same sweep again.
     args = ["-m", "experiment=demo", RANDOM_TINY, *STEPS, *QUIET, "orpo.beta=0.05,0.1",
             f"hydra.sweep.dir={tmp_path}/${{orpolab_sweep_id:}}"]
-    # Killed once job 1 wrote its first checkpoint (step 30 of 90), in whichever sweep folder the id names.
+    # Killed once job 1 wrote its first checkpoint (step 4 of 12), in whichever sweep folder the id names.
     start_and_kill_when(args, lambda: any(tmp_path.glob("sweep-*/1/checkpoints/last.ckpt")))
     before = {r.data.tags["orpolab.job_num"]: r for r in job_runs(tracking_uri)}
     assert before["0"].info.status == "FINISHED" and before["1"].info.status == "RUNNING"  # killed mid-job
@@ -61,7 +64,7 @@ def test_killed_sweep_resumes_with_one_run_per_job_and_the_same_losses(tiny_mode
     assert after["1"].data.tags["orpolab.attempts"] == "2"
     assert after["1"].data.tags["orpolab.resumed_from"].endswith("last.ckpt")
     resumed = losses(tracking_uri, after["1"].info.run_id)
-    assert sorted(resumed) == list(range(90))  # continuous history, steps 0..89
+    assert sorted(resumed) == list(range(12))  # continuous history, steps 0..11
     # Only the configured checkpoints are kept (best + last), and no temporary file survived the kill.
     ckpts = sorted(p.name for p in (sweeps[0] / "1" / "checkpoints").iterdir())
     assert len(ckpts) == 2 and ckpts[1] == "last.ckpt" and ckpts[0].startswith("best-step"), ckpts
@@ -72,8 +75,8 @@ def test_killed_sweep_resumes_with_one_run_per_job_and_the_same_losses(tiny_mode
     run(compose(["experiment=demo", RANDOM_TINY, *STEPS, *QUIET, "orpo.beta=0.1"], tmp_path / "reference"))
     single = next(r for r in job_runs(tracking_uri) if "mlflow.parentRunId" not in r.data.tags)
     reference = losses(tracking_uri, single.info.run_id)
-    assert sorted(reference) == list(range(90))
-    for step in range(90):  # across the epoch boundary (75 batches) too
+    assert sorted(reference) == list(range(12))
+    for step in range(12):  # across the epoch boundaries (6 batches) too
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
 
 
@@ -98,15 +101,15 @@ def test_changed_config_starts_a_new_sweep_and_sweep_id_names_one(tiny_models, t
 
 @pytest.mark.subprocess
 def test_parallel_jobs_record_every_metric_of_both(tiny_models, tracking_uri, tmp_path):
-    proc = run_train(["-m", "experiment=demo", RANDOM_TINY, "trainer.max_steps=20", "trainer.val_check_interval=10",
-                      "trainer.log_every_n_steps=1", *QUIET, "orpo.beta=0.05,0.1", "hydra/launcher=parallel",
-                      f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    proc = run_train(["-m", "experiment=demo", RANDOM_TINY, "trainer.max_steps=10", "trainer.val_check_interval=5",
+                      "trainer.log_every_n_steps=1", "data.max_eval_rows=10", *QUIET, "orpo.beta=0.05,0.1",
+                      "hydra/launcher=parallel", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = job_runs(tracking_uri)
-    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    for r in runs:
-        assert sorted(losses(tracking_uri, r.info.run_id)) == list(range(20))
-        assert sorted(losses(tracking_uri, r.info.run_id, "val/chosen_bpb")) == [0, 9, 19]
+    jobs = job_runs(tracking_uri)
+    assert len(jobs) == 2 and all(r.info.status == "FINISHED" for r in jobs)
+    for r in jobs:
+        assert sorted(losses(tracking_uri, r.info.run_id)) == list(range(10))
+        assert sorted(losses(tracking_uri, r.info.run_id, "val/chosen_bpb")) == [0, 4, 9]
         assert r.data.tags["orpolab.torch_threads"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
     parents = [r for r in runs(tracking_uri) if r.data.tags.get("orpolab.role") == "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

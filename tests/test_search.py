@@ -57,27 +57,27 @@ def test_search_prunes_fails_and_exports_the_best_unpruned_trial(tiny_models, tr
                       f"hydra.sweep.dir={sweep}"])
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     trials = {t.number: t for t in study_of(sweep).trials}
-    runs = {int(r.data.tags["orpolab.job_num"]): r for r in job_runs(tracking_uri)}
+    jobs = {int(r.data.tags["orpolab.job_num"]): r for r in job_runs(tracking_uri)}
     # One MLflow run per trial, numbered as the trial, with its sampled value.
-    assert sorted(trials) == sorted(runs) == [0, 1, 2, 3]
+    assert sorted(trials) == sorted(jobs) == [0, 1, 2, 3]
     for number, trial in trials.items():
-        assert float(runs[number].data.params["optim.lr"]) == trial.params["optim.lr"]
-        assert runs[number].data.tags["orpolab.trial"] == str(number)
+        assert float(jobs[number].data.params["optim.lr"]) == trial.params["optim.lr"]
+        assert jobs[number].data.tags["orpolab.trial"] == str(number)
     states = {n: t.state.name for n, t in trials.items()}
     assert states == {0: "COMPLETE", 1: "COMPLETE", 2: "FAIL", 3: "PRUNED"}
     # The objective is each trial's best selection value, as MLflow and the job's result.json hold it.
     for number in [n for n, s in states.items() if s == "COMPLETE"]:
-        assert trials[number].value == pytest.approx(runs[number].data.metrics["best/val/chosen_bpb"], rel=1e-9)
+        assert trials[number].value == pytest.approx(jobs[number].data.metrics["best/val/chosen_bpb"], rel=1e-9)
         result = json.loads((sweep / str(number) / "result.json").read_text())
         assert trials[number].value == pytest.approx(result["best_value"], rel=1e-9)
     # Pruned at step 3, worse than the median of the complete trials there: KILLED in MLflow, with the step.
     pruned = trials[3]
     assert sorted(pruned.intermediate_values) == [3]
     assert pruned.intermediate_values[3] > statistics.median([trials[n].intermediate_values[3] for n in (0, 1)])
-    assert runs[3].info.status == "KILLED" and runs[3].data.tags["orpolab.pruned_at_step"] == "3"
+    assert jobs[3].info.status == "KILLED" and jobs[3].data.tags["orpolab.pruned_at_step"] == "3"
     assert not (sweep / "3" / "result.json").exists()
     # NaN: failed in both, with the reason, and the search went on to trial 3.
-    assert runs[2].info.status == "FAILED" and "nan" in runs[2].data.tags["orpolab.error"]
+    assert jobs[2].info.status == "FAILED" and "nan" in jobs[2].data.tags["orpolab.error"]
     assert "nan" in trials[2].user_attrs["error"]
     # The winner is the best complete trial, and it was exported.
     complete = [t for t in trials.values() if t.state.name == "COMPLETE"]
@@ -144,9 +144,9 @@ def test_a_killed_search_resumes_its_trial_and_ends_with_exactly_n_trials(tiny_m
     assert "resuming 1 interrupted trial(s): 1" in again.stdout
     trials = study_of(sweep).trials
     assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "COMPLETE")]
-    runs = job_runs(tracking_uri)
-    assert sorted(int(r.data.tags["orpolab.job_num"]) for r in runs) == [0, 1, 2]  # no duplicates
-    by_num = {int(r.data.tags["orpolab.job_num"]): r for r in runs}
+    jobs = job_runs(tracking_uri)
+    assert sorted(int(r.data.tags["orpolab.job_num"]) for r in jobs) == [0, 1, 2]  # no duplicates
+    by_num = {int(r.data.tags["orpolab.job_num"]): r for r in jobs}
     assert by_num[1].data.tags["orpolab.attempts"] == "2"
     assert by_num[1].data.tags["orpolab.resumed_from"] == str(checkpoint)
     assert by_num[0].data.tags.get("orpolab.attempts", "1") == "1"  # finished: not run again

@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 
 from .helpers import RANDOM_TINY, ROOT, job_runs, run_train, runs
 
+# For tests about sweeps, not learning: 6 steps, each validation on 10 held-out pairs instead of all 100.
 QUICK = ["experiment=demo", RANDOM_TINY, "trainer.max_steps=6", "trainer.val_check_interval=3", "export.enabled=false",
-         "trainer.enable_progress_bar=false"]
+         "trainer.enable_progress_bar=false", "data.max_eval_rows=10"]
 
 # For tests about how a sweep ends, not what it learns: a few held-out pairs, no evaluation at step 0,
 # one thread (two threads that wait on each other slow a model this small down on a busy machine).
