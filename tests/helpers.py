@@ -70,7 +70,7 @@ def experiment_name() -> str:
     """The experiment every job logs to, as ``conf/logger/mlflow.yaml`` names it."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.load(ROOT / "conf" / "logger" / "mlflow.yaml").experiment_name
+    return OmegaConf.load(ROOT / "conf" / "logger" / "mlflow.yaml").mlflow.experiment_name
 
 
 def runs(uri: str, filter_string: str = "") -> list:

@@ -110,12 +110,14 @@ def method_sweep(warm_llama, empty_store, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("methods")
     uri = new_store(empty_store, tmp)
     # What this sweep shows is one winner per method carried through export, evaluation and report, not how
-    # well each learns (tests/test_methods.py trains each method; the demo sweep's tests check verification and
-    # calibration): a few steps, 8 verification texts, METHOD_PROMPTS prompts, no calibration.
+    # well each learns (the tests above train each method; the demo sweep's tests check verification and
+    # calibration): a few steps validated on 10 held-out pairs, 8 verification texts, METHOD_PROMPTS prompts,
+    # no calibration.
     changed = {"eval_prompts.max_prompts": str(METHOD_PROMPTS), "evaluation.judge.calibration_size": "0"}
     small = [o for o in EVAL_SMALL if o.split("=")[0] not in changed] + [f"{k}={v}" for k, v in changed.items()]
     proc = run_train(["-m", "experiment=demo", "method=orpo,dpo,simpo,sft", "trainer.max_steps=10",
-                      "trainer.val_check_interval=5", "trainer.enable_progress_bar=false",
+                      "trainer.val_check_interval=5", "eval_before_training=false", "data.max_eval_rows=10",
+                      "trainer.enable_progress_bar=false",
                       "export.verify.num_texts=8", f"evaluation.judge.calibration_cache={tmp / 'calibration'}",
                       f"hydra.sweep.dir={tmp / 'sweep'}", f"paths.report_dir={tmp / 'report'}", *small],
                      env_extra={"MLFLOW_TRACKING_URI": uri})
