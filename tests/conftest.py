@@ -110,7 +110,7 @@ def sweep(warm_llama, empty_store, tmp_path_factory):
                       f"evaluation.judge.calibration_cache={tmp / 'calibration'}", f"hydra.sweep.dir={tmp / 'sweep'}",
                       f"paths.report_dir={tmp / 'report'}", "export.quant_types=[Q4_K_M,Q8_0]",
                       "evaluation.quants=[F16,Q4_K_M]", *EVAL_SMALL],
-                     env_extra={"MLFLOW_TRACKING_URI": uri})
+                     env_extra={"MLFLOW_TRACKING_URI": uri}, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout, "stderr": proc.stderr,
             "returncode": proc.returncode, "report": (tmp / "report" / "latest" / "report.md").resolve()}

@@ -120,7 +120,7 @@ def method_sweep(warm_llama, empty_store, tmp_path_factory):
                       "trainer.enable_progress_bar=false",
                       "export.verify.num_texts=8", f"evaluation.judge.calibration_cache={tmp / 'calibration'}",
                       f"hydra.sweep.dir={tmp / 'sweep'}", f"paths.report_dir={tmp / 'report'}", *small],
-                     env_extra={"MLFLOW_TRACKING_URI": uri})
+                     env_extra={"MLFLOW_TRACKING_URI": uri}, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout,
             "report": (tmp / "report" / "latest" / "report.md").resolve()}
