@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 # multimodal part is not needed. GPU users may add -DGGML_CUDA=on.
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: setup tiny-models smollm2 warm-up demo demo-methods demo-search demo-real test test-cluster bench lint mlflow-ui clean browser
+.PHONY: setup tiny-models smollm2 warm-up demo demo-methods demo-search demo-real test test-fast test-cluster bench lint mlflow-ui clean browser
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -60,8 +60,13 @@ bench: tiny-models
 browser: $(STAMP)
 	scripts/browser-deps.sh $(BIN)
 
+# Every test, in a new random order each time (pytest-randomly).
 test: tiny-models smollm2 browser
 	$(BIN)/python -m pytest -q
+
+# The tests that need no model file and start no process (markers in pyproject.toml): well under 2 minutes.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not model and not subprocess"
 
 # The engines that scale out, each started on this machine and stopped afterwards (tests/cluster, not part of
 # `make test`): a single-node Slurm cluster from Debian's packages (root; scripts/slurm-local.sh), a local Ray

@@ -1,21 +1,47 @@
-"""Shared fixtures: the project root, tiny models, a private MLflow store, composed configs."""
+"""Fixtures that several test modules share (the tiny models, SmolLM2, a private MLflow store, the demo
+sweep) and the session's hooks: tests that need a model file are marked ``model``.
+
+Helpers that are not fixtures live in ``tests/helpers.py``.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import EVAL_SMALL, FAMILIES, ROOT, SWEEP_TRAINING, TINY_DIR, new_store, private_copy, run_train
+
 os.environ.setdefault("ORPOLAB_ROOT", str(ROOT))
-TINY_DIR = ROOT / ".cache" / "tiny_models"
-FAMILIES = ("llama", "phi", "mistral")
-# experiment=demo starts from the warmed-up tiny models; tests start from the random ones.
-RANDOM_TINY = "paths.tiny_variant=''"
+
+# The fixtures that build or find a model file: every fixture that needs a model asks for one of these.
+MODEL_FIXTURES = {"tiny_models", "smollm2"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``model`` every test that needs a model file, read off the fixtures it uses (their closure)."""
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
+
+
+@pytest.fixture(autouse=True)
+def _processes_only_when_marked(request, monkeypatch) -> None:
+    """A test marked neither ``subprocess`` nor ``model`` (what `make test-fast` runs) starts no process.
+
+    So the markers stay true: such a test that starts one fails, saying which mark it lacks. (Tests that
+    need a model also run code that starts processes itself, the converter for one.)
+    """
+    if request.node.get_closest_marker("subprocess") or request.node.get_closest_marker("model"):
+        return
+
+    def refuse(self, args, *rest, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a process ({args!r}): mark it @pytest.mark.subprocess")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -39,46 +65,25 @@ def smollm2() -> dict[str, Path]:
     return {"model": build.model_dir(cache), "gguf": build.gguf_path(cache)}
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store holding MLflow's tables and nothing else, made once for the session.
+
+    Making the tables runs MLflow's schema migrations, seconds per store; each test's store is a copy instead.
+    """
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "empty.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture()
-def tracking_uri(tmp_path: Path, monkeypatch) -> str:
+def tracking_uri(empty_store, tmp_path: Path, monkeypatch) -> str:
     """A fresh SQLite MLflow store per test, also for subprocesses (via the environment)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(empty_store, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
-
-
-def compose(overrides: list[str], output_dir: Path):
-    """The training config as Hydra composes it for ``train.py``, with Hydra's runtime set."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from orpolab.core.config import register_schemas
-
-    register_schemas()  # as train.py does: conf/train.yaml names its schema
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-        cfg.paths.output_dir = str(output_dir)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
-
-
-def run_train(args: list[str], env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``train.py`` as a user would, in a subprocess."""
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-# The tiny base GGUF stands in for the judge (judge.path null): fast, and every stage still runs for real.
-EVAL_SMALL = ["evaluation.judge.stand_in=true", "evaluation.judge.path=null", "evaluation.judge.family=null",
-              "evaluation.judge.calibration_size=4", "eval_prompts=sample", "eval_prompts.max_prompts=6",
-              "evaluation.generation.max_tokens=32", "evaluation.judge.max_tokens=64",
-              "evaluation.judge.max_feedback_chars=60"]
 
 
 @pytest.fixture(scope="session")
@@ -93,69 +98,23 @@ def warm_llama(tiny_models) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sweep(warm_llama, tmp_path_factory):
+def sweep(warm_llama, empty_store, tmp_path_factory):
     """A 2-job sweep from the warmed-up tiny_llama whose post-sweep hook exports and evaluates the winner.
 
     Starting from a trained model matters: the export's verification must be shown to catch a broken
     conversion on a model whose predictions are sharp, not on near-uniform random logits.
     """
     tmp = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    proc = run_train(["-m", "experiment=demo", "trainer.max_steps=60",
+    uri = new_store(empty_store, tmp)
+    proc = run_train(["-m", "experiment=demo", *SWEEP_TRAINING, "orpo.beta=0.05,0.1",
                       f"evaluation.judge.calibration_cache={tmp / 'calibration'}",
-                      f"evaluation.store_dir={tmp / 'store'}", "trainer.val_check_interval=30",
-                      "orpo.beta=0.05,0.1", f"hydra.sweep.dir={tmp / 'sweep'}", f"paths.report_dir={tmp / 'report'}",
-                      "export.quant_types=[Q4_K_M,Q8_0]", "evaluation.quants=[F16,Q4_K_M]", *EVAL_SMALL],
-                     env_extra={"MLFLOW_TRACKING_URI": uri})
+                      f"evaluation.store_dir={tmp / 'store'}", f"hydra.sweep.dir={tmp / 'sweep'}",
+                      f"paths.report_dir={tmp / 'report'}", "export.quant_types=[Q4_K_M,Q8_0]",
+                      "evaluation.quants=[F16,Q4_K_M]", *EVAL_SMALL],
+                     env_extra={"MLFLOW_TRACKING_URI": uri}, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout, "stderr": proc.stderr,
             "returncode": proc.returncode, "report": (tmp / "report" / "latest" / "report.md").resolve()}
-
-
-@pytest.fixture(scope="session")
-def method_sweep(warm_llama, tmp_path_factory):
-    """ORPO, DPO, SimPO and SFT in one sweep from the warmed-up tiny_llama, exported and evaluated by its hook."""
-    tmp = tmp_path_factory.mktemp("methods")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    proc = run_train(["-m", "experiment=demo", "method=orpo,dpo,simpo,sft", "trainer.max_steps=40",
-                      f"evaluation.judge.calibration_cache={tmp / 'calibration'}",
-                      f"evaluation.store_dir={tmp / 'store'}",
-                      "trainer.val_check_interval=20", "trainer.enable_progress_bar=false",
-                      f"hydra.sweep.dir={tmp / 'sweep'}", f"paths.report_dir={tmp / 'report'}", *EVAL_SMALL],
-                     env_extra={"MLFLOW_TRACKING_URI": uri})
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout,
-            "report": (tmp / "report" / "latest" / "report.md").resolve()}
-
-
-def evaluation_dir(sweep_dir: Path) -> Path:
-    """The folder of a sweep's only evaluation (``<sweep>/evaluation/<evaluation id>/``)."""
-    found = [f for f in (Path(sweep_dir) / "evaluation").iterdir() if f.is_dir()]
-    assert len(found) == 1, found
-    return found[0]
-
-
-def private_copy(shared: dict, tmp_path: Path, name: str = "sweep") -> dict:
-    """A copy of a session sweep (folder and MLflow store) that one test may change at will.
-
-    Session fixtures are read-only for tests: a test that rewrites a shared sweep's export or
-    evaluation would pass or fail depending on which tests ran before it. The copy's parent run is
-    re-tagged with the copy's folder, so export and evaluation write there; the jobs' checkpoints
-    are read from the original, which nothing writes.
-    """
-    from mlflow.tracking import MlflowClient
-
-    from orpolab.core import tracking
-
-    folder, db = tmp_path / name, tmp_path / f"mlflow-{name}.db"
-    shutil.copytree(shared["dir"], folder, ignore=shutil.ignore_patterns("checkpoints"))
-    shutil.copy(shared["uri"].removeprefix("sqlite:///"), db)
-    uri = f"sqlite:///{db}"
-    client = MlflowClient(uri)
-    for run in client.search_runs(["1"], filter_string=f"tags.`{tracking.SWEEP_TAG}` = '{shared['dir'].resolve()}' "
-                                                       f"and tags.`{tracking.ROLE_TAG}` = 'sweep'"):
-        client.set_tag(run.info.run_id, tracking.SWEEP_TAG, str(folder.resolve()))
-    return {**shared, "dir": folder, "uri": uri}
 
 
 @pytest.fixture()

@@ -25,7 +25,7 @@ from orpolab.core.files import append_jsonl
 from orpolab.core.stage_config import compose_stage
 from orpolab.evaluate import evaluations
 
-from .conftest import ROOT, compose
+from .helpers import ROOT, compose
 
 N_PROMPTS = 6
 

@@ -18,7 +18,7 @@ from orpolab.core import console, tracking
 from orpolab.core.errors import OrpolabError
 from orpolab.export import llamacpp
 
-from .conftest import ROOT
+from .helpers import ROOT, SWEEP_STEPS
 
 VOCAB_GGUF = ROOT / ".cache" / f"llama.cpp-{metadata.version('llama-cpp-python')}" / "models" / \
     "ggml-vocab-llama-bpe.gguf"
@@ -39,6 +39,7 @@ def module_cli(module: str, *args: str, env: dict | None = None) -> subprocess.C
     ("orpolab.evaluate", ["/nonexistent/sweep"], "has no export"),
     ("orpolab.evaluate.chat", ["/nonexistent/model.gguf"], "GGUF file /nonexistent/model.gguf does not exist"),
 ])
+@pytest.mark.subprocess
 def test_stage_commands_answer_a_mistake_with_one_sentence(tmp_path, module, args, message):
     proc = module_cli(module, *args, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     assert proc.returncode == 1
@@ -90,6 +91,7 @@ def fake_converter(cache: Path, script: str) -> Path:
     return folder
 
 
+@pytest.mark.subprocess
 def test_a_converter_that_hangs_or_fails_is_named_in_the_error(tmp_path, monkeypatch):
     monkeypatch.setattr(llamacpp, "_log_file", tmp_path / "logs" / "llama.cpp.log")
     (tmp_path / "logs").mkdir()
@@ -111,6 +113,7 @@ def test_the_export_does_not_download_the_converter_unasked(tmp_path):
     assert not (tmp_path / "empty-cache").exists()
 
 
+@pytest.mark.subprocess
 def test_setup_fetch_command_keeps_working_on_a_cached_converter():
     proc = module_cli("orpolab.export.llamacpp", str(ROOT / ".cache"))
     assert proc.returncode == 0 and proc.stdout.strip().endswith(f"llama.cpp-{llamacpp.installed_version()}")
@@ -228,7 +231,7 @@ def test_the_sweep_console_is_short_and_ends_with_the_headline(sweep):
         assert noise not in out + err, noise
     # Every stage's result is there: each job, the export's figures, the evaluation.
     assert "Sweep finished: 2 job(s) finished, 0 failed." in out
-    assert sum(line.startswith("  trained 60 steps in ") for line in lines) == 2
+    assert sum(line.startswith(f"  trained {SWEEP_STEPS} steps in ") for line in lines) == 2
     assert re.search(r"winner-Q4_K_M\.gguf +token ids identical .* ok$", out, re.M)
     assert re.search(r"^    winner: 6 answers, \d+% ended by themselves$", out, re.M)
     # The headline, then the report's path, last.
@@ -241,6 +244,7 @@ def test_the_sweep_console_is_short_and_ends_with_the_headline(sweep):
     assert "judge (correctness, 5point)" in headline[3] and "stand-in" in headline[3]
 
 
+@pytest.mark.subprocess
 def test_what_c_code_prints_to_stderr_goes_to_the_log_file_for_a_while(tmp_path, monkeypatch):
     monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
     log = tmp_path / "logs" / "llama.cpp.log"

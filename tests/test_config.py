@@ -23,7 +23,7 @@ from orpolab.core.validate import export_quant_types, validate
 from orpolab.sweep import preflight
 from orpolab.sweep.sweep_id import derive
 
-from .conftest import RANDOM_TINY, ROOT, compose, run_train
+from .helpers import RANDOM_TINY, ROOT, compose, run_train
 
 CONF = ROOT / "conf"
 # Every option of every group (the files under conf/); the root's own defaults fill in the rest.
@@ -36,8 +36,10 @@ VALID = ["data=sample", "eval_prompts=sample"]
 
 
 def nothing_tracked(tracking_uri: str) -> bool:
-    """No MLflow run, not even an experiment: the test's SQLite store was never opened."""
-    return not Path(tracking_uri.removeprefix("sqlite:///")).exists()
+    """No MLflow run, not even an experiment: the test's store holds MLflow's Default experiment only."""
+    from mlflow.tracking import MlflowClient
+
+    return [e.name for e in MlflowClient(tracking_uri).search_experiments()] == ["Default"]
 
 
 def composition_error(overrides: list[str], tmp_path: Path) -> str:
@@ -169,9 +171,10 @@ def sweep_problems(overrides: list[str], tmp_path: Path) -> str:
     return ""
 
 
-def test_sweep_check_composes_every_job(tmp_path):
+def test_sweep_check_composes_every_job(tiny_models, tmp_path):
     # The values interact: the base config (ORPO) is fine, the DPO job's learning rate is not.
-    message = sweep_problems(VALID + ["experiment=demo", "lr_per_method.dpo=-1", "method=orpo,dpo"], tmp_path)
+    message = sweep_problems(VALID + ["experiment=demo", RANDOM_TINY, "lr_per_method.dpo=-1", "method=orpo,dpo"],
+                             tmp_path)
     assert message == "optim.lr must be positive, got -1.0, in job 1 (method=dpo)"
     # A sweep value of the wrong type, which Hydra would only find when that job starts.
     message = sweep_problems(VALID + ["optim.lr=1e-4,abc"], tmp_path)
@@ -180,6 +183,7 @@ def test_sweep_check_composes_every_job(tmp_path):
     assert sweep_problems(VALID + ["orpo.beta=0.05,0.1"], tmp_path) == ""
 
 
+@pytest.mark.subprocess
 def test_bad_sweep_value_stops_the_command_before_any_job(tracking_uri, tmp_path):
     proc = run_train(["-m", "experiment=demo", RANDOM_TINY, "orpo.beta=0.05,-1", f"hydra.sweep.dir={tmp_path / 's'}"])
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -189,6 +193,7 @@ def test_bad_sweep_value_stops_the_command_before_any_job(tracking_uri, tmp_path
     assert nothing_tracked(tracking_uri)
 
 
+@pytest.mark.subprocess
 def test_wrong_type_stops_the_command_without_a_traceback(tracking_uri):
     proc = run_train(["lora.bnb_4bit_compute_dtype=float8"])
     assert proc.returncode == 1

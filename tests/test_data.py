@@ -16,7 +16,7 @@ from orpolab.core.errors import OrpolabError
 from orpolab.train.data import PairCollator, prepare, tokenize_pair
 from orpolab.train.data import tokenize as data_mod
 
-from .conftest import FAMILIES, ROOT
+from .helpers import FAMILIES, ROOT
 
 PROMPT = [{"role": "user", "content": "What is 12 + 7?"}]
 ANSWER = "12 + 7 = 19. The answer is 19."

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from orpolab.core.errors import OrpolabError
 
-from .conftest import EVAL_SMALL, ROOT, compose, evaluation_dir, private_copy, run_train
+from .helpers import EVAL_SMALL, ROOT, SWEEP_TRAINING, compose, evaluation_dir, private_copy, run_train, runs
 
 
 def evaluate_cli(folder: Path, uri: str, *args: str) -> subprocess.CompletedProcess:
@@ -24,8 +24,8 @@ def evaluate_cli(folder: Path, uri: str, *args: str) -> subprocess.CompletedProc
 
 
 def runs_of(uri: str, parent_run_id: str, role: str) -> list:
-    runs = MlflowClient(uri).search_runs(["1"], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    return [r for r in runs if r.data.tags.get("orpolab.role") == role]
+    nested = runs(uri, f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return [r for r in nested if r.data.tags.get("orpolab.role") == role]
 
 
 def laptop_copy(sweep_dir: Path, target: Path) -> Path:
@@ -60,6 +60,7 @@ def test_the_sweep_id_leaves_out_what_acts_after_training(tmp_path):
     assert sweep_id("optim.warmup_ratio=0.1") != same and sweep_id("selection.mode=max") != same
 
 
+@pytest.mark.subprocess
 def test_a_rerun_with_other_evaluation_settings_trains_nothing_and_adds_an_evaluation(sweep, tmp_path):
     own = private_copy(sweep, tmp_path)
     first = evaluation_dir(own["dir"]).name
@@ -68,7 +69,7 @@ def test_a_rerun_with_other_evaluation_settings_trains_nothing_and_adds_an_evalu
     shutil.copytree(sweep["report"].parent, reports / own["dir"].name / first)
     changed = {"eval_prompts.max_prompts": "3", "evaluation.quants": "[]", "evaluation.judge.calibration_size": "0"}
     small = [o for o in EVAL_SMALL if o.split("=")[0] not in changed] + [f"{k}={v}" for k, v in changed.items()]
-    proc = run_train(["-m", "experiment=demo", "trainer.max_steps=60", "trainer.val_check_interval=30",
+    proc = run_train(["-m", "experiment=demo", *SWEEP_TRAINING,
                       f"evaluation.judge.calibration_cache={sweep['dir'].parent / 'calibration'}",
                       f"evaluation.store_dir={sweep['dir'].parent / 'store'}",
                       "orpo.beta=0.05,0.1", f"hydra.sweep.dir={own['dir']}", f"paths.report_dir={reports}",
@@ -97,6 +98,7 @@ def test_a_rerun_with_other_evaluation_settings_trains_nothing_and_adds_an_evalu
     assert nested == {first, second}
 
 
+@pytest.mark.subprocess
 def test_evaluate_judges_with_the_overridden_judge_file_and_prompt_set(sweep, tmp_path):
     own = private_copy(sweep, tmp_path)
     judge = own["dir"] / "export" / "gguf" / "winner-Q8_0.gguf"
@@ -122,6 +124,7 @@ def test_evaluate_judges_with_the_overridden_judge_file_and_prompt_set(sweep, tm
     assert f"path: {judge}" in (folder / "settings.yaml").read_text()
 
 
+@pytest.mark.subprocess
 def test_a_bad_override_is_refused_before_any_work(sweep, tmp_path, monkeypatch):
     import llama_cpp
 
@@ -145,6 +148,7 @@ def test_a_bad_override_is_refused_before_any_work(sweep, tmp_path, monkeypatch)
     assert not (copy / "evaluation").exists() and not (copy / "logs").exists()  # nothing started
 
 
+@pytest.mark.subprocess
 def test_a_moved_sweep_without_checkpoints_or_mlflow_evaluates_and_reports(sweep, tmp_path):
     from omegaconf import OmegaConf
 
@@ -172,6 +176,7 @@ def test_a_moved_sweep_without_checkpoints_or_mlflow_evaluates_and_reports(sweep
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
+@pytest.mark.subprocess
 def test_a_failed_evaluation_marks_its_nested_run_failed(sweep, tmp_path):
     from orpolab.core import tracking
 

@@ -15,7 +15,7 @@ from orpolab.core.errors import OrpolabError
 from orpolab.core.files import read_jsonl
 from orpolab.evaluate.judge import LlamaCppFlowJudge, metric_by_name, resolve_judge_file, verdict_grammar
 
-from .conftest import evaluation_dir
+from .helpers import evaluation_dir, runs
 
 
 def evaluate_cli(sweep: dict, *args: str) -> subprocess.CompletedProcess:
@@ -62,6 +62,7 @@ def test_judge_file_must_exist_and_be_gguf(tmp_path):
         resolve_judge_file(str(fake), None, None)
 
 
+@pytest.mark.subprocess
 def test_stages_alone_resume_and_report(own_sweep, tmp_path):
     sweep = own_sweep
     out = evaluation_dir(sweep["dir"])  # the same settings: the same evaluation, in the same folder
@@ -111,7 +112,7 @@ def test_stages_alone_resume_and_report(own_sweep, tmp_path):
     # The sweep table's numbers are the MLflow runs' numbers.
     client = MlflowClient(sweep["uri"])
     export = json.loads((sweep["dir"] / "export" / "export.json").read_text())
-    children = client.search_runs(["1"], filter_string=f"tags.`mlflow.parentRunId` = '{export['parent_run_id']}'")
+    children = runs(sweep["uri"], f"tags.`mlflow.parentRunId` = '{export['parent_run_id']}'")
     for run in (r for r in children if r.data.tags["orpolab.role"] == "job"):
         assert f"| {run.data.metrics['best/val/chosen_bpb']:.4f} |" in text
     # The report is logged on the evaluation's own run, nested under the sweep's parent run.

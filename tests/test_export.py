@@ -29,7 +29,7 @@ from orpolab.export.merge import build_adapted, check_memory, load_adapter_state
 from orpolab.export.verify import verify_gguf
 from orpolab.export.winners import rank, select_winners, sweep_parent
 
-from .conftest import RANDOM_TINY, ROOT, TINY_DIR, compose, run_train
+from .helpers import RANDOM_TINY, ROOT, TINY_DIR, compose, run_train, runs
 
 CACHE = str(ROOT / ".cache")
 
@@ -73,6 +73,7 @@ def test_hook_exports_the_winner_with_verified_ggufs(sweep):
     assert len(json.loads(Path(ranking).read_text())["ranking"]) == 2
 
 
+@pytest.mark.subprocess
 def test_export_by_hand_on_an_existing_sweep(own_sweep):
     sweep = own_sweep
     shutil.rmtree(sweep["dir"] / "export" / "gguf")
@@ -105,6 +106,7 @@ def test_merged_model_logits_equal_base_plus_adapter(sweep):
     assert (m - b).abs().max() > 1e-2  # the adapter really changed the model
 
 
+@pytest.mark.subprocess
 def test_verification_fails_a_deliberately_broken_conversion(sweep, tmp_path):
     from sentencepiece import sentencepiece_model_pb2
 
@@ -150,6 +152,7 @@ def test_verification_fails_a_deliberately_broken_conversion(sweep, tmp_path):
 
 
 @pytest.mark.parametrize("family,eot", [("llama", "<|eot_id|>"), ("phi", "<|end|>"), ("mistral", "</s>")])
+@pytest.mark.subprocess
 def test_each_tiny_architecture_converts_quantizes_and_loads(tiny_models, tmp_path, family, eot):
     from llama_cpp import Llama
 
@@ -173,6 +176,7 @@ def test_each_tiny_architecture_converts_quantizes_and_loads(tiny_models, tmp_pa
         llm.close()
 
 
+@pytest.mark.subprocess
 def test_a_base_model_without_a_chat_template_learns_to_stop_at_the_fallbacks_eos_in_its_gguf(tiny_models,
                                                                                               tracking_uri, tmp_path):
     from orpolab.evaluate.generate import answer_prompts
@@ -288,6 +292,7 @@ def test_a_mixed_method_sweep_has_one_winner_per_method(tracking_uri, tmp_path):
     assert json.loads(Path(path).read_text())["per_method"] == {"orpo": [3, 0], "dpo": [1, 4], "sft": [2], "simpo": []}
 
 
+@pytest.mark.subprocess
 def test_a_sweep_where_every_job_failed_exports_nothing(tracking_uri, tmp_path):
     sweep_dir = _fake_sweep(tracking_uri, tmp_path, [(0, "FAILED", None), (1, "FAILED", None)])
     proc = export_cli([sweep_dir], tracking_uri)
@@ -305,7 +310,7 @@ def test_exported_adapter_is_the_best_checkpoint_not_the_last(tiny_models, track
     result = json.loads((tmp_path / "job" / "result.json").read_text())
     best_file, last_file = (str(tmp_path / "job" / result[k]) for k in ("best_checkpoint", "last_checkpoint"))
     assert Path(best_file).name == "best-step10.ckpt"
-    parent = MlflowClient(tracking_uri).search_runs(["1"])[0]
+    parent = runs(tracking_uri)[0]
     assert Path(parent.data.tags["orpolab.best_checkpoint"]).resolve() == Path(best_file).resolve()
     best, last = load_adapter_state(best_file), load_adapter_state(last_file)
     model = build_adapted(default_settings("model", "model=tiny_llama", name_or_path=str(TINY_DIR / "tiny_llama")),
@@ -319,6 +324,7 @@ def test_exported_adapter_is_the_best_checkpoint_not_the_last(tiny_models, track
 # ------------------------------------------------------------------ bad input
 
 
+@pytest.mark.subprocess
 def test_missing_sweep_folder_and_run_id(tracking_uri):
     for args, message in ((["/nonexistent/sweep"], "sweep folder /nonexistent/sweep does not exist"),
                           (["--run-id", "0123456789abcdef"], "MLflow run 0123456789abcdef does not exist"),
@@ -381,6 +387,7 @@ def _read_until(fd: int, marker: bytes, timeout: float) -> bytes:
     return out
 
 
+@pytest.mark.subprocess
 def test_chat_command_in_a_pseudo_terminal(sweep):
     gguf = sweep["dir"] / "export" / "gguf" / "winner-f16.gguf"
     pid, fd = pty.fork()

@@ -11,7 +11,7 @@ from orpolab.train.logps import backbone_and_head
 from orpolab.train.losses import selected_token_logps
 from orpolab.train.module import PreferenceModule
 
-from .test_methods import _tiny_dpo_module
+from .helpers import tiny_dpo_module
 
 
 def _reference_logps(hidden, weight, bias, targets):
@@ -92,7 +92,7 @@ def test_chunked_output_layer_keeps_no_logits_for_backward(trained):
 
 @pytest.mark.parametrize("method,nll_on", [("orpo", "full"), ("orpo", "completion"), ("dpo", "full")])
 def test_module_forward_equals_the_full_logits_path(tiny_models, method, nll_on):
-    module, _, data, _, tokenizer = _tiny_dpo_module(seed=2)
+    module, _, data, _, tokenizer = tiny_dpo_module(seed=2)
     batch = PairCollator(tokenizer.pad_token_id)(data.train[:6])
     outs, grads = [], []
     for chunk in (0, 7):  # 0: the model's own full logits (TRL's way); 7: selected positions, in chunks

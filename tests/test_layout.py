@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 PACKAGE = ROOT / "src" / "orpolab"
 # Each stage may import itself and the stages before it; demo/ is imported by nothing else.

@@ -9,12 +9,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from orpolab.core.defaults import default_settings
-from orpolab.train.data import PairCollator, PreferenceDataModule, prepare
+from orpolab.train.data import PairCollator, PreferenceDataModule
 from orpolab.train.job import run
-from orpolab.train.model import apply_lora, load_model, load_tokenizer
 from orpolab.train.module import PreferenceModule
 
-from .conftest import RANDOM_TINY, ROOT, TINY_DIR, compose, evaluation_dir
+from .helpers import EVAL_SMALL, RANDOM_TINY, compose, evaluation_dir, new_store, run_train, runs, tiny_dpo_module
 
 FAST = ["experiment=demo", RANDOM_TINY, "trainer.enable_progress_bar=false"]
 
@@ -30,27 +29,6 @@ def test_method_group_sets_each_methods_defaults(tmp_path):
     assert compose(["method=sft"], tmp_path).method.name == "sft"
 
 
-def _tiny_dpo_module(seed: int = 0):
-    model_cfg = default_settings("model", "model=tiny_llama", name_or_path=str(TINY_DIR / "tiny_llama"),
-                                 lora_target_modules=["q_proj", "v_proj", "up_proj"])
-    lora = default_settings("lora", r=4, alpha=8, dropout=0.0)
-    tokenizer = load_tokenizer(model_cfg)
-    model = apply_lora(load_model(model_cfg, lora), model_cfg, lora)
-    # A trained adapter, in effect: LoRA's B starts at zero, so perturb it or disabling would change nothing.
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    module = PreferenceModule(model, default_settings("method", "method=dpo"), default_settings("optim"))
-    data_cfg = default_settings("data", path=str(ROOT / "data" / "sample" / "train.jsonl"),
-                          eval_path=str(ROOT / "data" / "sample" / "eval.jsonl"), max_train_rows=24,
-                          max_eval_rows=8, batch_size=4, eval_batch_size=8,
-                          cache_dir=str(ROOT / ".cache" / "tokenized"))
-    data = prepare(data_cfg, tokenizer)
-    return module, model_cfg, data, data_cfg, tokenizer
-
-
 def _independent_logps(model, batch) -> torch.Tensor:
     """Summed completion log-probs, written out in float64 from the raw logits (not through orpolab.losses)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
@@ -64,7 +42,7 @@ def _independent_logps(model, batch) -> torch.Tensor:
 def test_dpo_reference_is_the_base_model_exactly(tiny_models):
     from transformers import AutoModelForCausalLM
 
-    module, model_cfg, data, _, tokenizer = _tiny_dpo_module()
+    module, model_cfg, data, _, tokenizer = tiny_dpo_module()
     batch = PairCollator(tokenizer.pad_token_id)(data.train[:4])
     ref = module.reference_logps(batch)
     base = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=torch.float32).eval()
@@ -81,7 +59,7 @@ def test_dpo_reference_is_the_base_model_exactly(tiny_models):
 
 
 def test_cached_reference_equals_freshly_computed(tiny_models):
-    module, _, data, data_cfg, tokenizer = _tiny_dpo_module(seed=1)
+    module, _, data, data_cfg, tokenizer = tiny_dpo_module(seed=1)
     dm = PreferenceDataModule(data, data_cfg, tokenizer.pad_token_id, seed=3)
     cache = module.compute_reference_cache(dm.reference_dataloader("train"))
     assert cache.shape == (len(data.train), 2) and torch.isfinite(cache).all()
@@ -103,7 +81,7 @@ def test_cached_reference_equals_freshly_computed(tiny_models):
 def test_each_method_trains_and_logs_its_metrics(tiny_models, tracking_uri, tmp_path, method, metrics):
     best = run(compose(FAST + [f"method={method}", "optim.lr=2e-3", "trainer.max_steps=12",
                                "trainer.val_check_interval=6"], tmp_path / "job"))
-    r = MlflowClient(tracking_uri).search_runs(["1"])[0]
+    r = runs(tracking_uri)[0]
     assert r.info.status == "FINISHED" and math.isfinite(best)
     assert r.data.tags["orpolab.method"] == method and r.data.params["method.name"] == method
     c = MlflowClient(tracking_uri)
@@ -122,6 +100,32 @@ def test_each_method_trains_and_logs_its_metrics(tiny_models, tracking_uri, tmp_
         # Before the first step the policy is the reference (LoRA's B is zero): DPO's loss is exactly ln 2.
         val = c.get_metric_history(r.info.run_id, "val/loss")
         assert val[0].step == 0 and val[0].value == pytest.approx(math.log(2), abs=1e-6)
+
+
+METHOD_PROMPTS = 3
+
+
+@pytest.fixture(scope="module")
+def method_sweep(warm_llama, empty_store, tmp_path_factory):
+    """ORPO, DPO, SimPO and SFT in one sweep from the warmed-up tiny_llama, exported and evaluated by its hook."""
+    tmp = tmp_path_factory.mktemp("methods")
+    uri = new_store(empty_store, tmp)
+    # What this sweep shows is one winner per method carried through export, evaluation and report, not how
+    # well each learns (the tests above train each method; the demo sweep's tests check verification and
+    # calibration): a few steps validated on 10 held-out pairs, 8 verification texts, METHOD_PROMPTS prompts,
+    # no calibration.
+    changed = {"eval_prompts.max_prompts": str(METHOD_PROMPTS), "evaluation.judge.calibration_size": "0"}
+    small = [o for o in EVAL_SMALL if o.split("=")[0] not in changed] + [f"{k}={v}" for k, v in changed.items()]
+    proc = run_train(["-m", "experiment=demo", "method=orpo,dpo,simpo,sft", "trainer.max_steps=10",
+                      "trainer.val_check_interval=5", "eval_before_training=false", "data.max_eval_rows=10",
+                      "trainer.enable_progress_bar=false",
+                      "export.verify.num_texts=8", f"evaluation.judge.calibration_cache={tmp / 'calibration'}",
+                      f"evaluation.store_dir={tmp / 'store'}",
+                      f"hydra.sweep.dir={tmp / 'sweep'}", f"paths.report_dir={tmp / 'report'}", *small],
+                     env_extra={"MLFLOW_TRACKING_URI": uri}, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    return {"dir": tmp / "sweep", "uri": uri, "stdout": proc.stdout,
+            "report": (tmp / "report" / "latest" / "report.md").resolve()}
 
 
 def test_mixed_method_sweep_exports_each_methods_best_and_reports_them_against_base(method_sweep):
@@ -147,10 +151,10 @@ def test_mixed_method_sweep_exports_each_methods_best_and_reports_them_against_b
     results = json.loads((out / "results.json").read_text())
     assert results["models_order"] == ["base", *methods]
     for label in ["base", *methods]:
-        assert len((out / f"answers-{label}.jsonl").read_text().splitlines()) == 6
-        assert results["models"][label]["checks"]["exact"]["n"] == 6
+        assert len((out / f"answers-{label}.jsonl").read_text().splitlines()) == METHOD_PROMPTS
+        assert results["models"][label]["checks"]["exact"]["n"] == METHOD_PROMPTS
     verdicts = (out / "verdicts-RESPONSE_CORRECTNESS_5POINT.jsonl").read_text().splitlines()
-    assert len(verdicts) == 5 * 6
+    assert len(verdicts) == 5 * METHOD_PROMPTS
     assert set(results["metrics"]["RESPONSE_CORRECTNESS_5POINT"]["paired"]) == set(methods)
     assert set(results["checks_paired"]["exact"]) == set(methods)
 

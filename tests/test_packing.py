@@ -192,7 +192,7 @@ def test_job_resumed_mid_epoch_with_packing_sees_the_same_pairs(tiny_models, tra
 
     from orpolab.train.job import run
 
-    from .conftest import RANDOM_TINY, compose
+    from .helpers import RANDOM_TINY, compose
 
     def job(name: str, *extra: str) -> dict[int, float]:
         run(compose(["experiment=demo", RANDOM_TINY, "trainer.enable_progress_bar=false", "data.max_train_rows=40",

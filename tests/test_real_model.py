@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 
-from .conftest import evaluation_dir, run_train
+import pytest
+
+from .helpers import evaluation_dir, new_store, run_train
+
+pytestmark = pytest.mark.subprocess
 
 
-def test_smollm2_trains_exports_with_identical_bpe_ids_and_is_evaluated(smollm2, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_smollm2_trains_exports_with_identical_bpe_ids_and_is_evaluated(smollm2, empty_store, tmp_path):
+    uri = new_store(empty_store, tmp_path)
     proc = run_train(["-m", "experiment=demo_real", "orpo.beta=0.1", "trainer.max_steps=2",
                       "trainer.val_check_interval=2", "data.batch_size=2", "data.max_eval_rows=4",
                       "eval_before_training=false", "trainer.enable_progress_bar=false",

@@ -8,13 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from orpolab.evaluate.calibration import calibrate
 from orpolab.evaluate.judge import metric_by_name
 from orpolab.evaluate.report import held_out_cell
 from orpolab.evaluate.report_results import warnings
 from orpolab.evaluate.stages.scores import self_preference
 
-from .conftest import compose, evaluation_dir, private_copy
+from .helpers import compose, evaluation_dir, private_copy
 
 
 def test_self_preference_warning_for_a_phi3_candidate_under_a_phi3_judge(tmp_path):
@@ -51,6 +53,7 @@ def test_a_row_shows_its_best_checkpoint_and_the_last_evaluation_beside_it():
     assert held_out_cell(same, "val/chosen_bpb", "{:.4f}") == "0.2140"
 
 
+@pytest.mark.subprocess
 def test_two_sweeps_keep_two_reports_and_latest_points_at_the_newest(sweep, tmp_path):
     reports = tmp_path / "report"
     evaluation = evaluation_dir(sweep["dir"]).name  # copies evaluated with the same settings: the same id

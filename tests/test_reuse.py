@@ -16,7 +16,7 @@ from orpolab.core.files import read_jsonl
 from orpolab.evaluate.generate import answer_prompts
 from orpolab.evaluate.store import Store, clear
 
-from .conftest import evaluation_dir, private_copy
+from .helpers import evaluation_dir, private_copy
 
 QUESTIONS = ["What is 2 + 2?", "Name three colours.", "Write one sentence about the sea.", "Say hi."]
 
@@ -97,6 +97,7 @@ def evaluate(copy: dict, store: Path, report: Path) -> dict:
             "results": json.loads((folder / "results.json").read_text())}
 
 
+@pytest.mark.subprocess
 def test_a_second_sweep_of_the_same_base_answers_and_judges_no_base_answer_again(sweep, tmp_path):
     store, report = tmp_path / "store", tmp_path / "report"
     # A sweep whose winner gives the base's answers (its GGUF is the base's): identical answers, one verdict each.

@@ -203,6 +203,7 @@ def test_a_torn_last_line_is_left_out_and_cut_before_the_next_rating(tmp_path):
 # ------------------------------------------------------------------ a killed server loses nothing
 
 
+@pytest.mark.subprocess
 def test_a_killed_server_loses_no_rating_given_before(evaluation):
     sweep, folder = evaluation
     path = ratings.ratings_file(folder, "alice")
@@ -258,12 +259,13 @@ def test_the_report_section_from_the_ratings_files(evaluation):
 # ------------------------------------------------------------------ on a real evaluated sweep
 
 
+@pytest.mark.subprocess
 def test_report_stage_folds_new_ratings_in_without_judging_again(own_sweep, tmp_path):
     """On the demo sweep: the review composes the evaluation's prompts as the evaluation did, and
     ``--stage report`` adds the Human review section and ``human/*`` on the evaluation's MLflow run."""
     from mlflow.tracking import MlflowClient
 
-    from .conftest import evaluation_dir
+    from .helpers import evaluation_dir
 
     folder = evaluation_dir(own_sweep["dir"])
     judged = {f.name: f.read_bytes() for f in folder.glob("verdicts-*.jsonl")}

@@ -19,6 +19,8 @@ from orpolab.evaluate.review import fold, ratings, source
 
 from .review_fixture import ReviewServer, answer_text, make_evaluation
 
+pytestmark = pytest.mark.subprocess  # the review server and chromedriver are processes
+
 INSTALL = "apt-get install chromium chromium-driver (as root: make browser, or scripts/browser-deps.sh)"
 
 

@@ -12,24 +12,16 @@ import time
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from orpolab.core.errors import OrpolabError
 
-from .conftest import RANDOM_TINY, ROOT, compose, run_train
+from .helpers import RANDOM_TINY, ROOT, compose, job_runs, losses, run_train, runs
 
-STEPS = ["trainer.max_steps=90", "trainer.val_check_interval=30", "trainer.log_every_n_steps=1"]
+# 48 training pairs, an epoch of 6 batches: 12 steps resume mid-epoch and cross an epoch boundary twice;
+# 10 held-out pairs for each validation (what is compared is the training loss).
+STEPS = ["trainer.max_steps=12", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
+         "data.max_train_rows=48", "data.max_eval_rows=10"]
 QUIET = ["trainer.enable_progress_bar=false", "export.enabled=false"]
-
-
-def children(uri: str) -> list:
-    return [r for r in MlflowClient(uri).search_runs(["1"]) if r.data.tags.get("orpolab.role") == "job"]
-
-
-def losses(uri: str, run_id: str, key: str = "train/loss") -> dict[int, float]:
-    """Step -> value; a resumed run re-logs the steps between its last checkpoint and the kill (same values)."""
-    return {m.step: m.value for m in sorted(MlflowClient(uri).get_metric_history(run_id, key),
-                                            key=lambda m: m.timestamp)}
 
 
 def start_and_kill_when(args: list[str], ready, timeout: float = 300) -> None:
@@ -48,13 +40,14 @@ def start_and_kill_when(args: list[str], ready, timeout: float = 300) -> None:
         proc.wait()
 
 
+@pytest.mark.subprocess
 def test_killed_sweep_resumes_with_one_run_per_job_and_the_same_losses(tiny_models, tracking_uri, tmp_path):
     # The sweep folder is named by the derived sweep id: the same command finds the same sweep again.
     args = ["-m", "experiment=demo", RANDOM_TINY, *STEPS, *QUIET, "orpo.beta=0.05,0.1",
             f"hydra.sweep.dir={tmp_path}/${{orpolab_sweep_id:}}"]
-    # Killed once job 1 wrote its first checkpoint (step 30 of 90), in whichever sweep folder the id names.
+    # Killed once job 1 wrote its first checkpoint (step 4 of 12), in whichever sweep folder the id names.
     start_and_kill_when(args, lambda: any(tmp_path.glob("sweep-*/1/checkpoints/last.ckpt")))
-    before = {r.data.tags["orpolab.job_num"]: r for r in children(tracking_uri)}
+    before = {r.data.tags["orpolab.job_num"]: r for r in job_runs(tracking_uri)}
     assert before["0"].info.status == "FINISHED" and before["1"].info.status == "RUNNING"  # killed mid-job
 
     proc = run_train(args)
@@ -62,8 +55,8 @@ def test_killed_sweep_resumes_with_one_run_per_job_and_the_same_losses(tiny_mode
     assert "2 job(s) finished, 0 failed" in proc.stdout
     sweeps = [p for p in tmp_path.iterdir() if p.name.startswith("sweep-")]
     assert len(sweeps) == 1  # one sweep folder, found again by its id
-    after = {r.data.tags["orpolab.job_num"]: r for r in children(tracking_uri)}
-    assert len(children(tracking_uri)) == 2  # exactly one MLflow run per job
+    after = {r.data.tags["orpolab.job_num"]: r for r in job_runs(tracking_uri)}
+    assert len(job_runs(tracking_uri)) == 2  # exactly one MLflow run per job
     assert {j: r.info.run_id for j, r in after.items()} == {j: r.info.run_id for j, r in before.items()}
     assert all(r.info.status == "FINISHED" for r in after.values())
     # Job 0 was not trained again; job 1 continued its own run from its last checkpoint.
@@ -71,7 +64,7 @@ def test_killed_sweep_resumes_with_one_run_per_job_and_the_same_losses(tiny_mode
     assert after["1"].data.tags["orpolab.attempts"] == "2"
     assert after["1"].data.tags["orpolab.resumed_from"].endswith("last.ckpt")
     resumed = losses(tracking_uri, after["1"].info.run_id)
-    assert sorted(resumed) == list(range(90))  # continuous history, steps 0..89
+    assert sorted(resumed) == list(range(12))  # continuous history, steps 0..11
     # Only the configured checkpoints are kept (best + last), and no temporary file survived the kill.
     ckpts = sorted(p.name for p in (sweeps[0] / "1" / "checkpoints").iterdir())
     assert len(ckpts) == 2 and ckpts[1] == "last.ckpt" and ckpts[0].startswith("best-step"), ckpts
@@ -80,10 +73,10 @@ def test_killed_sweep_resumes_with_one_run_per_job_and_the_same_losses(tiny_mode
     from orpolab.train.job import run
 
     run(compose(["experiment=demo", RANDOM_TINY, *STEPS, *QUIET, "orpo.beta=0.1"], tmp_path / "reference"))
-    single = next(r for r in children(tracking_uri) if "mlflow.parentRunId" not in r.data.tags)
+    single = next(r for r in job_runs(tracking_uri) if "mlflow.parentRunId" not in r.data.tags)
     reference = losses(tracking_uri, single.info.run_id)
-    assert sorted(reference) == list(range(90))
-    for step in range(90):  # across the epoch boundary (75 batches) too
+    assert sorted(reference) == list(range(12))
+    for step in range(12):  # across the epoch boundaries (6 batches) too
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
 
 
@@ -106,18 +99,19 @@ def test_changed_config_starts_a_new_sweep_and_sweep_id_names_one(tiny_models, t
     assert sweep_of("orpo.beta=0.05,0.1", ["sweep_id=mine"]) == "mine"
 
 
+@pytest.mark.subprocess
 def test_parallel_jobs_record_every_metric_of_both(tiny_models, tracking_uri, tmp_path):
-    proc = run_train(["-m", "experiment=demo", RANDOM_TINY, "trainer.max_steps=20", "trainer.val_check_interval=10",
-                      "trainer.log_every_n_steps=1", *QUIET, "orpo.beta=0.05,0.1", "hydra/launcher=parallel",
-                      f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    proc = run_train(["-m", "experiment=demo", RANDOM_TINY, "trainer.max_steps=10", "trainer.val_check_interval=5",
+                      "trainer.log_every_n_steps=1", "data.max_eval_rows=10", *QUIET, "orpo.beta=0.05,0.1",
+                      "hydra/launcher=parallel", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = children(tracking_uri)
-    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    for r in runs:
-        assert sorted(losses(tracking_uri, r.info.run_id)) == list(range(20))
-        assert sorted(losses(tracking_uri, r.info.run_id, "val/chosen_bpb")) == [0, 9, 19]
+    jobs = job_runs(tracking_uri)
+    assert len(jobs) == 2 and all(r.info.status == "FINISHED" for r in jobs)
+    for r in jobs:
+        assert sorted(losses(tracking_uri, r.info.run_id)) == list(range(10))
+        assert sorted(losses(tracking_uri, r.info.run_id, "val/chosen_bpb")) == [0, 4, 9]
         assert r.data.tags["orpolab.torch_threads"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
-    parents = [r for r in MlflowClient(tracking_uri).search_runs(["1"]) if r.data.tags.get("orpolab.role") == "sweep"]
+    parents = [r for r in runs(tracking_uri) if r.data.tags.get("orpolab.role") == "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
 
 
@@ -152,7 +146,7 @@ import gc, json, sys, weakref
 from pathlib import Path
 import psutil
 sys.path.insert(0, sys.argv[1])
-from tests.conftest import RANDOM_TINY, compose
+from tests.helpers import RANDOM_TINY, compose
 from orpolab.train import job as train
 
 alive, rss = [], []
@@ -172,6 +166,7 @@ print(json.dumps({"released": [ref() is None for ref in alive], "rss_mib": rss})
 """
 
 
+@pytest.mark.subprocess
 def test_sequential_jobs_release_their_models(tiny_models, tracking_uri, tmp_path):
     """Jobs one after another in one process, as Hydra's basic launcher runs them (outside pytest's
     warning capture, which keeps references of its own)."""
@@ -186,14 +181,15 @@ def test_sequential_jobs_release_their_models(tiny_models, tracking_uri, tmp_pat
     assert out["rss_mib"][-1] - out["rss_mib"][1] < 20, out["rss_mib"]  # measured here: +1.4 MiB over 4 jobs
 
 
+@pytest.mark.subprocess
 def test_ddp_with_two_cpu_processes_trains_one_job_with_one_run(tiny_models, tracking_uri, tmp_path):
     proc = run_train(["experiment=demo", RANDOM_TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                       "trainer.max_steps=10", "trainer.val_check_interval=5", "trainer.log_every_n_steps=1",
                       "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = MlflowClient(tracking_uri).search_runs(["1"])
-    assert len(runs) == 1  # rank 1 trained too, but only rank 0 talks to MLflow
-    r = runs[0]
+    recorded = runs(tracking_uri)
+    assert len(recorded) == 1  # rank 1 trained too, but only rank 0 talks to MLflow
+    r = recorded[0]
     assert r.info.status == "FINISHED" and r.data.tags["orpolab.world_size"] == "2"
     assert sorted(losses(tracking_uri, r.info.run_id)) == list(range(10))
     bpb = losses(tracking_uri, r.info.run_id, "val/chosen_bpb")
@@ -201,6 +197,7 @@ def test_ddp_with_two_cpu_processes_trains_one_job_with_one_run(tiny_models, tra
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.subprocess
 def test_ddp_resumed_mid_epoch_sees_the_same_global_order_and_losses(tiny_models, tracking_uri, tmp_path):
     """Two CPU ranks, 100 pairs (7 batches of up to 8 per rank and epoch): the reference run keeps its
     checkpoint of step 3 (mid-epoch, as a kill would have left it), a second run resumes from it to step 10."""
@@ -214,7 +211,7 @@ def test_ddp_resumed_mid_epoch_sees_the_same_global_order_and_losses(tiny_models
                           "+callbacks.record._target_=tests.batch_record.RecordBatches",
                           f"+callbacks.record.folder={tmp_path / name / 'batches'}", *extra])
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return next(r.info.run_id for r in MlflowClient(tracking_uri).search_runs(["1"])
+        return next(r.info.run_id for r in runs(tracking_uri)
                     if r.data.tags["orpolab.output_dir"] == str(tmp_path / name))
 
     reference = ddp("reference", "+callbacks.every_3._target_=lightning.pytorch.callbacks.ModelCheckpoint",
@@ -242,6 +239,7 @@ def test_ddp_resumed_mid_epoch_sees_the_same_global_order_and_losses(tiny_models
         losses(tracking_uri, reference, "val/chosen_bpb")[9], rel=1e-5)
 
 
+@pytest.mark.subprocess
 def test_submitit_local_runs_the_sweep_and_the_post_hook_as_its_own_job(tiny_models, tracking_uri, tmp_path):
     proc = run_train(["-m", "experiment=demo", RANDOM_TINY, "trainer.max_steps=6", "trainer.val_check_interval=3",
                       "trainer.enable_progress_bar=false", "orpo.beta=0.05,0.1", "hydra/launcher=submitit_local",

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-from mlflow.tracking import MlflowClient
 
 from orpolab.core.errors import OrpolabError
 from orpolab.sweep import space
 
-from .conftest import RANDOM_TINY, ROOT, compose, run_train
+from .helpers import RANDOM_TINY, ROOT, compose, job_runs, run_train, runs
 
 # A search over the learning rate alone, trials of 6 steps validated at steps 3 and 6 on 10 held-out pairs.
 SEARCH = ["-m", "hydra/sweeper=orpolab_optuna", "optim.lr=tag(log, interval(1e-4, 1e-2))", "experiment=demo",
@@ -28,10 +27,6 @@ SEARCH = ["-m", "hydra/sweeper=orpolab_optuna", "optim.lr=tag(log, interval(1e-4
 
 def study_of(sweep: Path) -> optuna.Study:
     return optuna.load_study(study_name=sweep.name, storage=f"sqlite:///{sweep / 'optuna.db'}")
-
-
-def job_runs(uri: str) -> list:
-    return [r for r in MlflowClient(uri).search_runs(["1"]) if r.data.tags.get("orpolab.role") == "job"]
 
 
 def test_search_space_reads_hydras_sweep_syntax():
@@ -51,6 +46,7 @@ def test_search_space_reads_hydras_sweep_syntax():
         space.split(["orpo.beta=0.1"])
 
 
+@pytest.mark.subprocess
 def test_search_prunes_fails_and_exports_the_best_unpruned_trial(tiny_models, tracking_uri, tmp_path):
     # Trials 0 and 1 learn; trial 2's loss turns NaN; trial 3's rate is far too low to learn in 3 steps, so at
     # step 3 it is worse than the median of trials 0 and 1 (the pruner starts after 2 complete trials, from step 1).
@@ -61,33 +57,32 @@ def test_search_prunes_fails_and_exports_the_best_unpruned_trial(tiny_models, tr
                       f"hydra.sweep.dir={sweep}"])
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     trials = {t.number: t for t in study_of(sweep).trials}
-    runs = {int(r.data.tags["orpolab.job_num"]): r for r in job_runs(tracking_uri)}
+    jobs = {int(r.data.tags["orpolab.job_num"]): r for r in job_runs(tracking_uri)}
     # One MLflow run per trial, numbered as the trial, with its sampled value.
-    assert sorted(trials) == sorted(runs) == [0, 1, 2, 3]
+    assert sorted(trials) == sorted(jobs) == [0, 1, 2, 3]
     for number, trial in trials.items():
-        assert float(runs[number].data.params["optim.lr"]) == trial.params["optim.lr"]
-        assert runs[number].data.tags["orpolab.trial"] == str(number)
+        assert float(jobs[number].data.params["optim.lr"]) == trial.params["optim.lr"]
+        assert jobs[number].data.tags["orpolab.trial"] == str(number)
     states = {n: t.state.name for n, t in trials.items()}
     assert states == {0: "COMPLETE", 1: "COMPLETE", 2: "FAIL", 3: "PRUNED"}
     # The objective is each trial's best selection value, as MLflow and the job's result.json hold it.
     for number in [n for n, s in states.items() if s == "COMPLETE"]:
-        assert trials[number].value == pytest.approx(runs[number].data.metrics["best/val/chosen_bpb"], rel=1e-9)
+        assert trials[number].value == pytest.approx(jobs[number].data.metrics["best/val/chosen_bpb"], rel=1e-9)
         result = json.loads((sweep / str(number) / "result.json").read_text())
         assert trials[number].value == pytest.approx(result["best_value"], rel=1e-9)
     # Pruned at step 3, worse than the median of the complete trials there: KILLED in MLflow, with the step.
     pruned = trials[3]
     assert sorted(pruned.intermediate_values) == [3]
     assert pruned.intermediate_values[3] > statistics.median([trials[n].intermediate_values[3] for n in (0, 1)])
-    assert runs[3].info.status == "KILLED" and runs[3].data.tags["orpolab.pruned_at_step"] == "3"
+    assert jobs[3].info.status == "KILLED" and jobs[3].data.tags["orpolab.pruned_at_step"] == "3"
     assert not (sweep / "3" / "result.json").exists()
     # NaN: failed in both, with the reason, and the search went on to trial 3.
-    assert runs[2].info.status == "FAILED" and "nan" in runs[2].data.tags["orpolab.error"]
+    assert jobs[2].info.status == "FAILED" and "nan" in jobs[2].data.tags["orpolab.error"]
     assert "nan" in trials[2].user_attrs["error"]
     # The winner is the best complete trial, and it was exported.
     complete = [t for t in trials.values() if t.state.name == "COMPLETE"]
     best = min(complete, key=lambda t: t.value)
-    parent = next(r for r in MlflowClient(tracking_uri).search_runs(["1"])
-                  if r.data.tags.get("orpolab.role") == "sweep")
+    parent = next(r for r in runs(tracking_uri) if r.data.tags.get("orpolab.role") == "sweep")
     assert parent.data.tags["orpolab.winner_job"] == str(best.number)
     export = json.loads((sweep / "export" / "export.json").read_text())
     assert export["passed"] and (sweep / "export" / "gguf" / "winner-f16.gguf").is_file()
@@ -128,6 +123,7 @@ def test_pruned_and_confirmation_runs_never_win():
     assert [c.job_num for c in ranking] == [2, 0]
 
 
+@pytest.mark.subprocess
 def test_a_killed_search_resumes_its_trial_and_ends_with_exactly_n_trials(tiny_models, tracking_uri, tmp_path):
     sweep = tmp_path / "sweep"
     args = [*SEARCH, "hydra.sweeper.n_trials=3", "hydra/sweeper/pruner=none", "export.enabled=false",
@@ -149,9 +145,9 @@ def test_a_killed_search_resumes_its_trial_and_ends_with_exactly_n_trials(tiny_m
     assert "resuming 1 interrupted trial(s): 1" in again.stdout
     trials = study_of(sweep).trials
     assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "COMPLETE")]
-    runs = job_runs(tracking_uri)
-    assert sorted(int(r.data.tags["orpolab.job_num"]) for r in runs) == [0, 1, 2]  # no duplicates
-    by_num = {int(r.data.tags["orpolab.job_num"]): r for r in runs}
+    jobs = job_runs(tracking_uri)
+    assert sorted(int(r.data.tags["orpolab.job_num"]) for r in jobs) == [0, 1, 2]  # no duplicates
+    by_num = {int(r.data.tags["orpolab.job_num"]): r for r in jobs}
     assert by_num[1].data.tags["orpolab.attempts"] == "2"
     assert by_num[1].data.tags["orpolab.resumed_from"] == str(checkpoint)
     assert by_num[0].data.tags.get("orpolab.attempts", "1") == "1"  # finished: not run again
@@ -162,6 +158,7 @@ def test_a_killed_search_resumes_its_trial_and_ends_with_exactly_n_trials(tiny_m
         assert t.value == pytest.approx(by_num[t.number].data.metrics["best/val/chosen_bpb"], rel=1e-9)
 
 
+@pytest.mark.subprocess
 def test_a_range_reaching_an_invalid_value_stops_the_search_before_any_trial(tiny_models, tracking_uri, tmp_path):
     proc = run_train(["-m", "hydra/sweeper=orpolab_optuna", "orpo.beta=interval(-1, 1)", "experiment=demo",
                       RANDOM_TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}"])
@@ -169,7 +166,7 @@ def test_a_range_reaching_an_invalid_value_stops_the_search_before_any_trial(tin
     assert proc.stderr.strip().splitlines()[-1] == ("error: orpo.beta must be positive, got -1.0 (method orpo), in "
                                                     "the search's range (orpo.beta=-1.0)")
     assert not (tmp_path / "sweep" / "optuna.db").exists() and not (tmp_path / "sweep" / "0").exists()
-    assert MlflowClient(tracking_uri).search_runs(["1"]) == []
+    assert runs(tracking_uri) == []
 
 
 def test_the_benchmark_counts_a_search_by_the_steps_its_trials_trained():

@@ -14,7 +14,7 @@ import pytest
 from orpolab.core.errors import OrpolabError
 from orpolab.demo import smollm2 as build
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 CHAT = [{"role": "user", "content": "Let p = 17, k = 42 and w = 8. What is k?"},
         {"role": "assistant", "content": "k = 42. The answer is 42."}]
@@ -106,6 +106,7 @@ def test_predictions_agree_with_llama_cpp_on_the_wheel_gguf(smollm2, tokenizer):
     assert result["ppl_pytorch"] < 100, result  # pretrained: about 30 here (random weights: about 49,152)
 
 
+@pytest.mark.subprocess
 def test_the_converter_takes_the_folder_back_as_smollm2(smollm2, tokenizer, wheel_vocab, tmp_path):
     """The export's first step: llama.cpp identifies the pre-tokenizer by hashing our tokenizer's output."""
     from gguf import GGUFReader

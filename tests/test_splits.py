@@ -13,7 +13,7 @@ from orpolab.evaluate.prompts import load_prompts
 from orpolab.export.pipeline import held_out_texts
 from orpolab.train.data import overlap, split_rows, three_splits
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 
 def pair(i: int) -> dict:

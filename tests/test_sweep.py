@@ -12,10 +12,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from .conftest import RANDOM_TINY, ROOT, run_train
+from .helpers import RANDOM_TINY, ROOT, job_runs, run_train, runs
 
+# For tests about sweeps, not learning: 6 steps, each validation on 10 held-out pairs instead of all 100.
 QUICK = ["experiment=demo", RANDOM_TINY, "trainer.max_steps=6", "trainer.val_check_interval=3", "export.enabled=false",
-         "trainer.enable_progress_bar=false"]
+         "trainer.enable_progress_bar=false", "data.max_eval_rows=10"]
 
 # For tests about how a sweep ends, not what it learns: a few held-out pairs, no evaluation at step 0,
 # one thread (two threads that wait on each other slow a model this small down on a busy machine).
@@ -27,15 +28,15 @@ def sweep_dir_from(stdout: str) -> Path:
     return Path(line.split(":", 1)[1].strip())
 
 
+@pytest.mark.subprocess
 def test_two_by_two_sweep_gives_four_runs_under_one_parent(tiny_models, tracking_uri, tmp_path):
     proc = run_train(["-m", *QUICK, "model=tiny_llama,tiny_phi", "orpo.beta=0.05,0.1",
                       f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 job(s) finished, 0 failed" in proc.stdout
-    client = MlflowClient(tracking_uri)
-    runs = client.search_runs(["1"])
-    parents = [r for r in runs if r.data.tags.get("orpolab.role") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("orpolab.role") == "job"]
+    recorded = runs(tracking_uri)
+    parents = [r for r in recorded if r.data.tags.get("orpolab.role") == "sweep"]
+    children = [r for r in recorded if r.data.tags.get("orpolab.role") == "job"]
     assert len(parents) == 1 and len(children) == 4
     parent_id = parents[0].info.run_id
     assert parents[0].info.status == "FINISHED"
@@ -53,6 +54,7 @@ def test_two_by_two_sweep_gives_four_runs_under_one_parent(tiny_models, tracking
     assert all((tmp_path / "sweep" / str(i) / "checkpoints" / "last.ckpt").is_file() for i in range(4))
 
 
+@pytest.mark.subprocess
 def test_a_failing_job_does_not_stop_the_sweep_but_fails_its_exit_status(tiny_models, tracking_uri, tmp_path):
     # A data file that is missing when the job reads it (the settings themselves are checked before the
     # sweep starts, and a bad one stops it: tests/test_config.py).
@@ -71,7 +73,7 @@ def test_a_failing_job_does_not_stop_the_sweep_but_fails_its_exit_status(tiny_mo
                        "re-run it (finished jobs are skipped)")
     assert shlex.split(command) == ["python", str(ROOT / "train.py"), *args]  # the same command resumes the sweep
     assert "Traceback" not in proc.stderr + proc.stdout
-    children = [r for r in MlflowClient(tracking_uri).search_runs(["1"]) if r.data.tags.get("orpolab.role") == "job"]
+    children = job_runs(tracking_uri)
     status = {r.data.tags["orpolab.job_num"]: r.info.status for r in children}
     assert status == {"0": "FAILED", "1": "FINISHED"}
     failed = next(r for r in children if r.info.status == "FAILED")
@@ -87,15 +89,17 @@ def test_a_failing_job_does_not_stop_the_sweep_but_fails_its_exit_status(tiny_mo
         next(r for r in children if r.info.status == "FINISHED").data.metrics["best/val/chosen_bpb"])
 
 
+@pytest.mark.subprocess
 def test_unknown_config_name_stops_before_any_job(tiny_models, tracking_uri, tmp_path):
     proc = run_train(["-m", *QUICK, "model=tiny_llama,no_such_model", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert proc.returncode != 0
     assert "Could not find 'model/no_such_model'" in proc.stderr
     assert "tiny_llama" in proc.stderr  # Hydra lists the available options
     assert not (tmp_path / "sweep" / "0").exists()
-    assert MlflowClient(tracking_uri).search_runs(["1"]) == []  # no empty parent run left behind
+    assert runs(tracking_uri) == []  # no empty parent run left behind
 
 
+@pytest.mark.subprocess
 def test_wrong_override_key_stops_before_any_job(tiny_models, tracking_uri, tmp_path):
     proc = run_train(["-m", *QUICK, "orpo.betta=0.1,0.2", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert proc.returncode != 0
@@ -103,6 +107,7 @@ def test_wrong_override_key_stops_before_any_job(tiny_models, tracking_uri, tmp_
     assert not (tmp_path / "sweep" / "0").exists()
 
 
+@pytest.mark.subprocess
 def test_a_failing_export_fails_the_sweeps_exit_status(tiny_models, tracking_uri, tmp_path):
     # One job that trains fine, and a verification threshold no GGUF can meet (a perplexity at most half
     # the PyTorch model's): the export converts, verifies, fails, and the evaluation does not start.
@@ -142,6 +147,7 @@ class FakeSubmitit:
         return SimpleNamespace(job_id="4242", result=lambda: result)
 
 
+@pytest.mark.subprocess
 def test_post_stages_on_a_cluster_count_when_waited_for_and_are_named_when_not(monkeypatch, tmp_path, capsys):
     from orpolab.sweep import callbacks
 

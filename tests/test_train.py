@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from orpolab.core.errors import OrpolabError
 from orpolab.train.job import run
 
-from .conftest import RANDOM_TINY, compose, run_train
+from .helpers import RANDOM_TINY, compose, run_train, runs
 
 FAST = ["experiment=demo", RANDOM_TINY, "trainer.enable_progress_bar=false"]
 
@@ -22,9 +22,9 @@ def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def only_run(uri: str):
-    runs = MlflowClient(uri).search_runs(["1"])
-    assert len(runs) == 1
-    return runs[0]
+    found = runs(uri)
+    assert len(found) == 1, found
+    return found[0]
 
 
 def test_fit_improves_held_out_preference_and_bits_per_byte(tiny_models, tracking_uri, tmp_path):
@@ -67,10 +67,10 @@ def test_checkpoint_holds_adapter_and_optimizer_not_base_weights(tiny_models, tr
 def test_resume_from_last_checkpoint_continues(tiny_models, tracking_uri, tmp_path):
     common = FAST + ["trainer.val_check_interval=10", "eval_before_training=true"]
     run(compose(common + ["trainer.max_steps=20"], tmp_path / "job"))
-    first = MlflowClient(tracking_uri).search_runs(["1"])[0]
+    first = runs(tracking_uri)[0]
     val0 = history(tracking_uri, first.info.run_id, "val/loss")[0][1]
     run(compose(common + ["trainer.max_steps=30", "resume_from=last"], tmp_path / "job"))
-    second = [r for r in MlflowClient(tracking_uri).search_runs(["1"]) if r.info.run_id != first.info.run_id][0]
+    second = [r for r in runs(tracking_uri) if r.info.run_id != first.info.run_id][0]
     steps = [s for s, _ in history(tracking_uri, second.info.run_id, "train/loss")]
     assert min(steps) >= 20 and max(steps) == 29, steps  # step counter continues, no step-0 restart
     # The restored adapter starts where the first run stopped, far below the untrained loss.
@@ -93,6 +93,7 @@ def test_bad_input_is_a_clear_error_and_a_failed_run(tiny_models, tracking_uri, 
     assert r.info.status == "FAILED" and message in r.data.tags["orpolab.error"]
 
 
+@pytest.mark.subprocess  # the job asks git for the commit before it loads the model
 def test_gated_model_without_token_says_how_to_log_in(tracking_uri, tmp_path, monkeypatch):
     import transformers
 
@@ -105,6 +106,7 @@ def test_gated_model_without_token_says_how_to_log_in(tracking_uri, tmp_path, mo
         run(compose(["model=llama1b", "data=sample"], tmp_path / "job"))
 
 
+@pytest.mark.subprocess
 def test_single_run_error_is_one_sentence_not_a_traceback(tiny_models, tracking_uri):
     proc = run_train(FAST + ["orpo.beta=0"])
     assert proc.returncode == 1
@@ -171,7 +173,7 @@ def test_best_val_metrics_describe_the_best_checkpoint_also_after_resuming(tiny_
 
     # Resumed, the job still knows its best: the evaluation after step 6 (lower again) is no new best.
     run(compose(common + ["trainer.max_steps=6", "resume_from=last"], tmp_path / "job"))
-    second = next(x for x in MlflowClient(tracking_uri).search_runs(["1"]) if x.info.run_id != r.info.run_id)
+    second = next(x for x in runs(tracking_uri) if x.info.run_id != r.info.run_id)
     assert dict(history(tracking_uri, second.info.run_id, "val/chosen_bpb"))[5] < bpb[1]
     assert history(tracking_uri, second.info.run_id, "best/step") == []
     assert second.data.metrics["best/val/chosen_bpb"] == pytest.approx(bpb[1], rel=1e-6)  # job.py's, at the end

@@ -7,8 +7,8 @@ import json
 
 from mlflow.tracking import MlflowClient
 
-from ..test_scale import losses
-from .conftest import STEPS, SWEEP, start_sweep, stop_group
+from ..helpers import losses
+from .helpers import STEPS, SWEEP, start_sweep, stop_group
 
 
 def test_ray_sweep_logs_every_metric_over_http_and_exports_the_winner(

@@ -10,9 +10,8 @@ import subprocess
 
 import pytest
 
-from ..conftest import compose
-from ..test_scale import children, losses
-from .conftest import STEPS, SWEEP, start_sweep, stop_group, wait_until
+from ..helpers import compose, job_runs, losses
+from .helpers import STEPS, SWEEP, start_sweep, stop_group, wait_until
 
 # What fits this node (2 CPUs, no GPU) instead of the preset's GPU, 8 CPUs and 64 GB.
 ON_THIS_NODE = ["hydra/launcher=slurm", "hydra.launcher.partition=local", "hydra.launcher.gpus_per_node=null",
@@ -56,7 +55,7 @@ def test_preempted_slurm_job_resumes_into_its_run_and_post_stages_are_a_slurm_jo
     job1_log = "".join(p.read_text() for p in (sweep_dir / ".submitit").glob(f"{job1}/*_log.err"))
     assert "Caught signal SIGUSR2" in job1_log and "this job is preempted" in job1_log, job1_log[-3000:]
     assert re.search(r"JOB \d+ ON localhost CANCELLED AT \S+ DUE TO JOB REQUEUE", job1_log)
-    runs = {r.data.tags["orpolab.job_num"]: r for r in children(tracking_uri)}
+    runs = {r.data.tags["orpolab.job_num"]: r for r in job_runs(tracking_uri)}
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs.values())
     assert runs["0"].data.tags.get("orpolab.attempts") is None
     assert runs["1"].data.tags["orpolab.attempts"] == "2"  # the same MLflow run, continued
@@ -69,7 +68,7 @@ def test_preempted_slurm_job_resumes_into_its_run_and_post_stages_are_a_slurm_jo
 
     job_overrides = [a for a in SWEEP if a not in ("-m", "orpo.beta=0.05,0.1")]
     run(compose([*job_overrides, "orpo.beta=0.1", "export.enabled=false"], tmp_path / "reference"))
-    single = next(r for r in children(tracking_uri) if "mlflow.parentRunId" not in r.data.tags)
+    single = next(r for r in job_runs(tracking_uri) if "mlflow.parentRunId" not in r.data.tags)
     reference = losses(tracking_uri, single.info.run_id)
     for step in range(STEPS):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
