@@ -57,7 +57,7 @@ def test_heldout_prompts_come_from_test_never_validation(tmp_path):
     data = {"path": write(tmp_path / "all.jsonl", rows), "eval_size": 0.2, "test_size": 0.2, "split_seed": 3}
     splits = three_splits(default_settings("data", **data))
     job_cfg = job_with(data)
-    heldout = OmegaConf.create({"kind": "heldout", "max_prompts": None, "reference_field": None})
+    heldout = default_settings("eval_prompts", "eval_prompts=heldout", max_prompts=None, reference_field=None)
     got = {p["prompt"] for p in load_prompts(heldout, job_cfg)}
     assert got == prompts(splits.test)
     assert not got & prompts(splits.validation) and not got & prompts(splits.train)
