@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from orpolab.core import console, tracking
+from orpolab.core import console, llama_runtime, tracking
 from orpolab.core.errors import OrpolabError
 from orpolab.export import llamacpp
 
@@ -93,7 +93,7 @@ def fake_converter(cache: Path, script: str) -> Path:
 
 @pytest.mark.subprocess
 def test_a_converter_that_hangs_or_fails_is_named_in_the_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(llamacpp, "_log_file", tmp_path / "logs" / "llama.cpp.log")
+    monkeypatch.setattr(llama_runtime, "_log_file", tmp_path / "logs" / "llama.cpp.log")
     (tmp_path / "logs").mkdir()
     out = tmp_path / "gguf" / "model-f16.gguf"
     fake_converter(tmp_path / "hang", "import time\nprint('converting', flush=True)\ntime.sleep(30)\n")

@@ -18,7 +18,7 @@ def test_smollm2_trains_exports_with_identical_bpe_ids_and_is_evaluated(smollm2,
     proc = run_train(["-m", "experiment=demo_real", "orpo.beta=0.1", "trainer.max_steps=2",
                       "trainer.val_check_interval=2", "data.batch_size=2", "data.max_eval_rows=4",
                       "eval_before_training=false", "trainer.enable_progress_bar=false",
-                      "export.verify.num_texts=4", "eval_prompts.max_prompts=3",
+                      "export.verify.num_texts=8", "eval_prompts.max_prompts=3",
                       "evaluation.generation.max_tokens=12", "evaluation.judge.calibration_size=2",
                       "evaluation.judge.max_tokens=24", "evaluation.judge.max_feedback_chars=24",
                       f"evaluation.judge.calibration_cache={tmp_path / 'calibration'}",
@@ -33,7 +33,7 @@ def test_smollm2_trains_exports_with_identical_bpe_ids_and_is_evaluated(smollm2,
     # text, at F16 and Q4_K_M (the validation conversations are full of numbers).
     checks = {c["quant"]: c for c in export["verification"]}
     assert set(checks) == {"F16", "Q4_K_M"}
-    assert all(c["token_id_mismatches"] == 0 and c["texts"] == 4 for c in checks.values())
+    assert all(c["token_id_mismatches"] == 0 and c["texts"] == 8 for c in checks.values())
     assert checks["F16"]["ppl_ratio"] < 1.02 and checks["F16"]["top1_agreement"] > 0.97
     results = json.loads((evaluation_dir(sweep) / "results.json").read_text())
     assert results["models_order"] == ["base", "winner", "winner@F16"]

@@ -88,8 +88,11 @@ def test_an_edited_prompt_or_a_new_model_at_the_same_path_is_answered_afresh(swe
 
 
 def evaluate(copy: dict, store: Path, report: Path) -> dict:
+    # Greedy: the demo samples with a seed per (model, prompt), so the same GGUF under another label would
+    # rightly give other answers; greedy, it gives the same ones.
     proc = subprocess.run([sys.executable, "-m", "orpolab.evaluate", str(copy["dir"]), "evaluation.quants=[]",
-                           f"evaluation.store_dir={store}", "--report-dir", str(report)], capture_output=True,
+                           "evaluation.generation.temperature=0", f"evaluation.store_dir={store}", "--report-dir",
+                           str(report)], capture_output=True,
                           text=True, env={**os.environ, "MLFLOW_TRACKING_URI": copy["uri"]})
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = evaluation_dir(copy["dir"])

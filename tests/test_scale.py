@@ -147,15 +147,16 @@ from pathlib import Path
 import psutil
 sys.path.insert(0, sys.argv[1])
 from tests.helpers import RANDOM_TINY, compose
+from orpolab.train import fit
 from orpolab.train import job as train
 
 alive, rss = [], []
-real_apply_lora = train.apply_lora
+real_apply_lora = fit.apply_lora
 def tracked(*args, **kwargs):
     model = real_apply_lora(*args, **kwargs)
     alive.append(weakref.ref(model))
     return model
-train.apply_lora = tracked
+fit.apply_lora = tracked
 for i in range(5):
     train.run(compose(["experiment=demo", RANDOM_TINY, "model=tiny_mistral", "trainer.max_steps=6",
                        "trainer.val_check_interval=3", "trainer.enable_progress_bar=false", "export.enabled=false"],
