@@ -328,7 +328,8 @@ def test_exported_adapter_is_the_best_checkpoint_not_the_last(tiny_models, track
 def test_missing_sweep_folder_and_run_id(tracking_uri):
     for args, message in ((["/nonexistent/sweep"], "sweep folder /nonexistent/sweep does not exist"),
                           (["--run-id", "0123456789abcdef"], "MLflow run 0123456789abcdef does not exist"),
-                          (["/nonexistent/sweep", "--quant", "Q3_XYZ"], "export.quant_types: unknown quantization type(s) Q3_XYZ")):
+                          (["/nonexistent/sweep", "--quant", "Q3_XYZ"],
+                           "export.quant_types: unknown quantization type(s) Q3_XYZ")):
         proc = export_cli(args, tracking_uri)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
