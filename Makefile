@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 # multimodal part is not needed. GPU users may add -DGGML_CUDA=on.
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: setup tiny-models smollm2 warm-up demo demo-methods demo-search demo-real test test-fast test-cluster bench lint mlflow-ui clean browser
+.PHONY: setup tiny-models smollm2 warm-up demo demo-again demo-methods demo-search demo-real test test-fast test-cluster bench lint mlflow-ui clean browser
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ warm-up: tiny-models
 
 demo: warm-up smollm2
 	$(BIN)/python train.py -m experiment=demo model=tiny_llama,tiny_phi orpo.beta=0.05,0.1
+
+# After `make demo`: a second sweep of the same base (tiny_llama) with other betas. Its evaluation takes the
+# base's answers and verdicts from the stores (evaluation.store_dir) instead of making them again.
+demo-again: warm-up smollm2
+	$(BIN)/python train.py -m experiment=demo model=tiny_llama orpo.beta=0.2,0.5
 
 # ORPO, DPO, SimPO and SFT on the same warmed-up tiny model; the report compares all four with the base.
 demo-methods: warm-up smollm2
